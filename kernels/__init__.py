@@ -1,0 +1,1 @@
+"""Triton kernels, installed as moe.kernels. Importing this package imports no Triton."""

@@ -1,0 +1,26 @@
+"""MoE runtime for PyTorch: drop-in Mixture-of-Experts layers, routers and fast paths.
+
+`import moe` does no work: no extension builds, no device probing, no process groups.
+"""
+
+from moe.config import AuxFreeConfig, ExpertChoiceConfig, MoEConfig, RecurrentConfig, TopKConfig
+from moe.layer import MoE, MoEStats
+from moe.model_utils import aux_loss, update_routers
+from moe.routing import Router, Routing, tie_recurrent_routers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoE",
+    "MoEConfig",
+    "MoEStats",
+    "TopKConfig",
+    "AuxFreeConfig",
+    "RecurrentConfig",
+    "ExpertChoiceConfig",
+    "Router",
+    "Routing",
+    "aux_loss",
+    "update_routers",
+    "tie_recurrent_routers",
+]

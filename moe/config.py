@@ -1,0 +1,247 @@
+"""Frozen, validated configuration dataclasses.
+
+Shape legend used across the package:
+    T = tokens, D = model dim, H = expert hidden dim, E = experts, K = top-k,
+    N = dispatched token copies (<= T * K), F = first-GEMM width (2H for SwiGLU, H for GELU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+Activation = Literal["swiglu", "gelu"]
+Backend = Literal["auto", "reference", "cpp", "triton", "torch"]
+ScoreFunc = Literal["softmax", "sigmoid"]
+
+ACTIVATIONS = ("swiglu", "gelu")
+BACKENDS = ("auto", "reference", "cpp", "triton", "torch")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopKConfig:
+    """Top-k softmax router (Switch / GShard / Mixtral).
+
+    Attributes:
+        norm_topk_prob: renormalise the k selected probabilities to sum to 1 (Mixtral: always;
+            Qwen2/3-MoE and OLMoE: a config flag).
+        aux_loss_coef: weight of the Switch/GShard balance loss alpha * E * sum_i f_i P_i.
+        z_loss_coef: weight of the ST-MoE router z-loss mean(logsumexp(logits)^2).
+        jitter: multiplicative input noise U(1 - jitter, 1 + jitter) in training (Switch).
+    """
+
+    norm_topk_prob: bool = True
+    aux_loss_coef: float = 1e-2
+    z_loss_coef: float = 0.0
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_non_negative("aux_loss_coef", self.aux_loss_coef)
+        _check_non_negative("z_loss_coef", self.z_loss_coef)
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxFreeConfig:
+    """DeepSeek-V3 auxiliary-loss-free router.
+
+    Attributes:
+        score_func: "sigmoid" (DeepSeek-V3) or "softmax" (DeepSeek-V2 style scores).
+        n_group: expert groups for group-limited routing (1 = no group limit).
+        topk_group: groups kept per token; must be <= n_group.
+        routed_scaling_factor: multiplies the gate weights (2.5 in the 671B config).
+        norm_topk_prob: renormalise the selected (unbiased) scores before scaling.
+        bias_update_rate: gamma in b_i += gamma * sign(mean_load - load_i).
+        seq_aux_loss_coef: alpha of the optional sequence-wise balance loss (1e-4 in the paper).
+    """
+
+    score_func: ScoreFunc = "sigmoid"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    bias_update_rate: float = 1e-3
+    seq_aux_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("score_func", self.score_func, ("softmax", "sigmoid"))
+        _check_positive_int("n_group", self.n_group)
+        _check_positive_int("topk_group", self.topk_group)
+        if self.topk_group > self.n_group:
+            raise ValueError(
+                f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group}): "
+                "a token cannot keep more groups than exist"
+            )
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        _check_non_negative("bias_update_rate", self.bias_update_rate)
+        _check_non_negative("seq_aux_loss_coef", self.seq_aux_loss_coef)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecurrentConfig:
+    """Layerwise recurrent router (RMoE): W1_i -> shared GRUCell -> W2_i -> softmax top-k.
+
+    Attributes:
+        recurrent_dim: d_r, input and hidden size of the GRU cell shared by all layers.
+        norm_topk_prob, aux_loss_coef, z_loss_coef: as in TopKConfig.
+    """
+
+    recurrent_dim: int = 256
+    norm_topk_prob: bool = True
+    aux_loss_coef: float = 1e-2
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive_int("recurrent_dim", self.recurrent_dim)
+        _check_non_negative("aux_loss_coef", self.aux_loss_coef)
+        _check_non_negative("z_loss_coef", self.z_loss_coef)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertChoiceConfig:
+    """Expert-choice router: each expert takes its top C = ceil(T * c / E) tokens.
+
+    Not causal: a token's routing depends on later tokens of the batch, so it leaks future
+    tokens in autoregressive language models. Use it for encoders or non-causal training only.
+
+    Attributes:
+        capacity_factor: c, the average number of experts per token (2 in the paper).
+    """
+
+    capacity_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+
+
+RouterConfig = TopKConfig | AuxFreeConfig | RecurrentConfig | ExpertChoiceConfig
+
+ROUTER_CONFIGS: dict[str, type] = {
+    "topk": TopKConfig,
+    "aux_free": AuxFreeConfig,
+    "recurrent": RecurrentConfig,
+    "expert_choice": ExpertChoiceConfig,
+}
+
+
+def router_config(name: str, **options: object) -> RouterConfig:
+    """Builds the config of router `name` from keyword options, naming unknown ones."""
+    if name not in ROUTER_CONFIGS:
+        raise ValueError(f"router must be one of {tuple(ROUTER_CONFIGS)} or a Router module, got {name!r}")
+    cls = ROUTER_CONFIGS[name]
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for router {name!r}; it accepts {sorted(allowed)}")
+    return cls(**options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Configuration of one MoE layer (`moe.MoE.from_config`).
+
+    Attributes:
+        dim: D, model dimension (input and output width).
+        hidden_dim: H, hidden width of each routed expert.
+        num_experts: E, routed experts.
+        top_k: K, experts per token (for expert choice: ignored by routing, still validated).
+        router: router name; its options go in `router_config`.
+        router_config: the router's config dataclass; None = that router's defaults.
+        activation: "swiglu" (silu(x W_gate) * x W_up) or "gelu".
+        num_shared_experts: always-on experts (DeepSeekMoE), merged into one MLP of width
+            num_shared_experts * hidden_dim unless shared_expert_hidden_dim is given.
+        shared_expert_hidden_dim: explicit width of the shared MLP (Qwen2-MoE style).
+        shared_expert_gate: scale the shared output by sigmoid(x w_g) (Qwen2-MoE).
+        capacity_factor: None or 0 = dropless; > 0: each expert keeps at most
+            ceil(capacity_factor * T * K / E) token copies (see MoE for the drop priority).
+        backend: op backend ("auto" picks the fastest correct one per device).
+    """
+
+    dim: int
+    hidden_dim: int
+    num_experts: int
+    top_k: int
+    router: str = "topk"
+    router_config: RouterConfig | None = None
+    activation: Activation = "swiglu"
+    num_shared_experts: int = 0
+    shared_expert_hidden_dim: int | None = None
+    shared_expert_gate: bool = False
+    capacity_factor: float | None = None
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("dim", self.dim)
+        _check_positive_int("hidden_dim", self.hidden_dim)
+        _check_positive_int("num_experts", self.num_experts)
+        _check_positive_int("top_k", self.top_k)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts}); lower top_k or add experts"
+            )
+        _check_choice("router", self.router, tuple(ROUTER_CONFIGS))
+        if self.router_config is not None and not isinstance(self.router_config, ROUTER_CONFIGS[self.router]):
+            raise TypeError(
+                f"router_config for router {self.router!r} must be a "
+                f"{ROUTER_CONFIGS[self.router].__name__}, got {type(self.router_config).__name__}"
+            )
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("backend", self.backend, BACKENDS)
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int):
+            raise TypeError(f"num_shared_experts must be an int, got {self.num_shared_experts!r}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.shared_expert_hidden_dim is not None:
+            _check_positive_int("shared_expert_hidden_dim", self.shared_expert_hidden_dim)
+            if self.num_shared_experts == 0:
+                raise ValueError(
+                    "shared_expert_hidden_dim is set but num_shared_experts is 0; set num_shared_experts=1"
+                )
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+        if self.capacity_factor is not None and not self.capacity_factor >= 0:
+            raise ValueError(f"capacity_factor must be None/0 (dropless) or > 0, got {self.capacity_factor}")
+        if self.router == "aux_free" and isinstance(self.router_config, AuxFreeConfig):
+            cfg = self.router_config
+            if self.num_experts % cfg.n_group:
+                raise ValueError(f"num_experts ({self.num_experts}) must be divisible by n_group ({cfg.n_group})")
+            if cfg.n_group > 1 and self.num_experts // cfg.n_group < 2:
+                raise ValueError(
+                    f"group-limited routing scores each group by its top-2 experts, so each of the "
+                    f"{cfg.n_group} groups needs >= 2 experts (num_experts={self.num_experts})"
+                )
+            if cfg.n_group > 1 and self.top_k > cfg.topk_group * (self.num_experts // cfg.n_group):
+                raise ValueError(
+                    f"top_k ({self.top_k}) exceeds the experts in the kept groups "
+                    f"(topk_group {cfg.topk_group} x {self.num_experts // cfg.n_group}); raise topk_group"
+                )
+
+    @property
+    def shared_hidden_dim(self) -> int:
+        if self.shared_expert_hidden_dim is not None:
+            return self.shared_expert_hidden_dim
+        return self.num_shared_experts * self.hidden_dim
+
+    @property
+    def dropless(self) -> bool:
+        return not self.capacity_factor

@@ -1,0 +1,225 @@
+"""MoE: router -> dispatch -> experts -> combine (+ shared experts). A drop-in MLP.
+
+Shape legend: T tokens (all leading dims flattened), D dim, E experts, K top-k, N copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe.config import MoEConfig, RouterConfig, router_config
+from moe.dispatch import LocalDispatcher
+from moe.experts import MLP, Experts
+from moe.reference import count_tokens
+from moe.routing import Router, build_router
+from moe.routing.capacity import apply_capacity, expert_capacity
+
+
+@dataclass
+class MoEStats:
+    """Routing statistics of the latest forward (real tokens only).
+
+    tokens_per_expert: [E] int64 copies the router assigned to each expert (before capacity).
+    dropped_tokens: copies dropped by the capacity limit.
+    max_violation: MaxVio = (max_i load_i - mean load) / mean load (0 = perfectly balanced).
+    """
+
+    tokens_per_expert: torch.Tensor
+    dropped_tokens: int
+    max_violation: float
+
+
+def max_violation(load_E: torch.Tensor) -> float:
+    load = load_E.float()
+    mean = load.mean()
+    return 0.0 if load.numel() == 0 or mean <= 0 else float((load.max() - mean) / mean)
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts MLP: y = layer(x) for x [..., dim], same shape and dtype.
+
+    Args:
+        dim: D, input and output width.
+        hidden_dim: H, hidden width of each routed expert.
+        num_experts: E, routed experts.
+        top_k: K, experts per token.
+        router: "topk" | "aux_free" | "recurrent" | "expert_choice", or a Router module.
+        num_shared_experts: always-on experts (ungated, DeepSeekMoE) merged into one MLP.
+        shared_expert_hidden_dim: width of that MLP (default num_shared_experts * hidden_dim).
+        shared_expert_gate: scale shared output by sigmoid(x w_g) (Qwen2-MoE).
+        capacity_factor: None/0 = dropless (default). > 0: each expert keeps at most
+            ceil(cf * T * K / E) copies; first choices win over second choices, then earlier
+            tokens over later ones; dropped copies contribute 0 and are counted in stats.
+        activation: "swiglu" or "gelu".
+        backend: op backend, "auto" (fastest correct per device) or a name in moe.ops.registry.
+        router_config: the router's config dataclass (alternative to **router_options).
+        **router_options: fields of the router's config, e.g. aux_loss_coef=1e-2, n_group=4.
+
+    After each forward: `layer.aux_losses` (weighted, summed by moe.aux_loss(model)) and
+    `layer.stats` (MoEStats). forward also takes token_mask [...] bool (False = padding,
+    excluded from losses, statistics and aux-free load counts).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int,
+        router: str | Router = "topk",
+        *,
+        num_shared_experts: int = 0,
+        shared_expert_hidden_dim: int | None = None,
+        shared_expert_gate: bool = False,
+        capacity_factor: float | None = None,
+        activation: str = "swiglu",
+        backend: str = "auto",
+        router_config: RouterConfig | None = None,
+        **router_options: Any,
+    ) -> None:
+        super().__init__()
+        custom_router = router if isinstance(router, nn.Module) else None
+        if custom_router is not None and not isinstance(custom_router, Router):
+            raise TypeError(f"router module must subclass moe.routing.Router, got {type(router).__name__}")
+        name = "topk" if custom_router is not None else router
+        if router_config is not None and router_options:
+            raise TypeError("pass router options either as router_config or as keywords, not both")
+        if custom_router is None and router_config is None and isinstance(name, str):
+            router_config = _router_config(name, router_options)
+        self.config = MoEConfig(
+            dim=dim,
+            hidden_dim=hidden_dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            router=name,  # type: ignore[arg-type]
+            router_config=router_config if custom_router is None else None,
+            activation=activation,  # type: ignore[arg-type]
+            num_shared_experts=num_shared_experts,
+            shared_expert_hidden_dim=shared_expert_hidden_dim,
+            shared_expert_gate=shared_expert_gate,
+            capacity_factor=capacity_factor,
+            backend=backend,  # type: ignore[arg-type]
+        )
+        cfg = self.config
+        if custom_router is not None:
+            if getattr(custom_router, "num_experts", num_experts) != num_experts:
+                raise ValueError(f"router.num_experts ({custom_router.num_experts}) != num_experts ({num_experts})")
+            self.router: Router = custom_router
+        else:
+            assert cfg.router_config is not None
+            self.router = build_router(dim, num_experts, top_k, cfg.router_config)
+        self.experts = Experts(num_experts, dim, hidden_dim, activation, backend)
+        self.shared_experts = MLP(dim, cfg.shared_hidden_dim, activation) if num_shared_experts else None
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
+        self.dispatcher = LocalDispatcher(num_experts, backend)
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self._load: torch.Tensor | None = None
+        self._dropped: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> MoE:
+        return cls(
+            config.dim,
+            config.hidden_dim,
+            config.num_experts,
+            config.top_k,
+            config.router,
+            num_shared_experts=config.num_shared_experts,
+            shared_expert_hidden_dim=config.shared_expert_hidden_dim,
+            shared_expert_gate=config.shared_expert_gate,
+            capacity_factor=config.capacity_factor,
+            activation=config.activation,
+            backend=config.backend,
+            router_config=config.router_config,
+        )
+
+    @property
+    def stats(self) -> MoEStats:
+        """Statistics of the latest forward (zeros before the first one)."""
+        e = self.config.num_experts
+        load = self._load if self._load is not None else torch.zeros(e, dtype=torch.int64)
+        dropped = int(self._dropped) if self._dropped is not None else 0
+        return MoEStats(load.detach().cpu(), dropped, max_violation(load))
+
+    def _check_input(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE expects a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoE expects floating-point input, got {x.dtype}; convert with x.float()")
+        if x.dim() == 0 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"input's last dim must be dim={self.config.dim}, got shape {tuple(x.shape)}")
+        param = self.experts.w_in
+        if x.device != param.device:
+            raise ValueError(
+                f"input is on {x.device} but the layer's parameters are on {param.device}; "
+                "move one of them with .to(device)"
+            )
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input is {x.dtype} but the layer's weights are {param.dtype}; call "
+                f"layer.to({x.dtype}) or run under torch.autocast"
+            )
+        if token_mask is not None:
+            if token_mask.dtype != torch.bool or token_mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"token_mask must be bool of shape {tuple(x.shape[:-1])}, got {token_mask.dtype} "
+                    f"{tuple(token_mask.shape)}"
+                )
+            if token_mask.device != x.device:
+                raise ValueError(f"token_mask is on {token_mask.device} but input is on {x.device}")
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x, token_mask)
+        cfg = self.config
+        shape, in_dtype = x.shape, x.dtype
+        x_TD = x.reshape(-1, cfg.dim)
+        if torch.is_autocast_enabled(x.device.type):
+            x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
+        mask_T = None if token_mask is None else token_mask.reshape(-1)
+        seq_len = shape[-2] if x.dim() >= 3 else None
+
+        routing = self.router(x_TD, token_mask=mask_T, seq_len=seq_len)
+        with torch.no_grad():
+            counted = routing.expert_ids if mask_T is None else torch.where(mask_T.unsqueeze(1), routing.expert_ids, -1)
+            self._load = count_tokens(counted, cfg.num_experts)
+        if not cfg.dropless:
+            assert cfg.capacity_factor is not None
+            # A non-finite token is routed nowhere, so its values cannot change who else fits.
+            finite = torch.isfinite(routing.weights).all(dim=1, keepdim=True)
+            ids = torch.where(finite, routing.expert_ids, -1)
+            cap = expert_capacity(x_TD.shape[0], routing.expert_ids.shape[1], cfg.num_experts, cfg.capacity_factor)
+            ids, weights, dropped = apply_capacity(ids, routing.weights, cfg.num_experts, cap)
+            routing = dataclasses.replace(
+                routing, expert_ids=ids, weights=weights, max_copies=min(routing.max_copies, cfg.num_experts * cap)
+            )
+            self._dropped = dropped
+        else:
+            self._dropped = None
+
+        x_sorted, counts, handle = self.dispatcher.dispatch(x_TD, routing)
+        y_sorted = self.experts(x_sorted, counts)
+        y_TD = self.dispatcher.combine(y_sorted, handle)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
+            y_TD = y_TD + shared
+        self.aux_losses = routing.aux_losses
+        return y_TD.to(in_dtype).view(shape)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"dim={c.dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, top_k={c.top_k}, "
+            f"router={type(self.router).__name__}, shared={c.num_shared_experts}, "
+            f"capacity_factor={c.capacity_factor}, activation={c.activation}, backend={c.backend}"
+        )
+
+
+def _router_config(name: str, options: dict[str, Any]) -> RouterConfig:
+    return router_config(name, **options)

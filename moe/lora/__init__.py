@@ -1,0 +1,1 @@
+"""Placeholder package; see README's feature table for its status."""

@@ -1,0 +1,8 @@
+"""The op layer the MoE layer calls; backends plug in through moe.ops.registry."""
+
+from moe.ops.grouped_mm import grouped_mm
+from moe.ops.permute import permute, sort_by_expert
+from moe.ops.registry import backends_for, resolve
+from moe.ops.unpermute import unpermute
+
+__all__ = ["sort_by_expert", "permute", "unpermute", "grouped_mm", "backends_for", "resolve"]

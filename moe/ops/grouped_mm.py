@@ -1,0 +1,62 @@
+"""grouped_mm as a torch.library op (reference backend), with fake kernel and autograd.
+
+Wrapping the reference in a custom op hides its data-dependent Python loop from
+torch.compile, so a compiled model keeps one graph around it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe import reference
+from moe.ops import registry
+
+
+@torch.library.custom_op("moe_ref::grouped_mm", mutates_args=())
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return reference.grouped_mm(x, w, counts)
+
+
+@_grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moe_ref::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return reference.grouped_mm_wgrad(x, dy, counts)
+
+
+@_grouped_mm_wgrad.register_fake
+def _(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(counts.shape[0], x.shape[1], dy.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, w, counts = inputs
+    ctx.save_for_backward(x, w, counts)
+
+
+def _backward(ctx, dy):  # type: ignore[no-untyped-def]
+    x, w, counts = ctx.saved_tensors
+    dy = dy.contiguous()  # grads can arrive expanded (stride 0)
+    dx = _grouped_mm(dy, w.transpose(1, 2).contiguous(), counts) if ctx.needs_input_grad[0] else None
+    dw = _grouped_mm_wgrad(x, dy, counts) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+
+registry.register("grouped_mm", "reference", _grouped_mm)
+
+
+def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """y[rows of expert e] = x[rows of expert e] @ w[e]; rows past counts.sum() give zeros.
+
+    Args:
+        x_MK: [M, K] rows sorted by expert.
+        w_EKN: [E, K, N].
+        counts_E: [E] int64 rows per expert.
+        backend: see moe.ops.registry.
+    """
+    return registry.resolve("grouped_mm", backend, x_MK.device)(x_MK, w_EKN, counts_E)

@@ -1,0 +1,23 @@
+"""Scatter expert outputs back to tokens with the top-k weighted sum accumulated in fp32."""
+
+from __future__ import annotations
+
+import torch
+
+
+def unpermute(y_ND: torch.Tensor, token_idx_N: torch.Tensor, weights_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Combines expert outputs.
+
+    Args:
+        y_ND: [N, D] expert outputs in sorted order (rows of dropped copies are zero).
+        token_idx_N: [N] int64 token each row belongs to.
+        weights_N: [N] gate weight of each row (0 for dropped copies), any float dtype.
+        num_tokens: T.
+
+    Returns:
+        [T, D] in y's dtype: out[t] = sum_j [token_idx_N[j] == t] * weights_N[j] * y_ND[j],
+        summed in fp32 so bf16/fp16 experts lose no precision in the k-way sum.
+    """
+    out = torch.zeros(num_tokens, y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
+    out = out.index_add(0, token_idx_N, y_ND.float() * weights_N.float().unsqueeze(1))
+    return out.to(y_ND.dtype)

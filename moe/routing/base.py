@@ -1,0 +1,60 @@
+"""The router seam: route(x_TD) -> Routing.
+
+Routers own their math and their state (aux-free bias, the recurrent GRU). They know nothing
+about devices or ranks, beyond an optional data-parallel group for load counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """The decision of a router for T tokens.
+
+    Attributes:
+        expert_ids: [T, K] int64 expert of each slot; -1 = no expert (dropped or unused slot).
+        weights: [T, K] fp32 gate weight of each slot; 0 where expert_ids == -1.
+        aux_losses: losses already multiplied by their coefficients, by name.
+        probs: [T, E] fp32 router probabilities (used for statistics and prediction), or None.
+        max_copies: static upper bound on the number of routed copies (T * K for token-choice
+            routers, E * C for expert choice); the dispatcher keeps shapes static with it.
+    """
+
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    probs: torch.Tensor | None = None
+    max_copies: int = 0
+
+
+class Router(nn.Module):
+    """Base class of routers. Subclasses implement forward and may override update.
+
+    forward(x_TD, token_mask=None, seq_len=None) -> Routing
+        x_TD: [T, D] tokens (any float dtype; routing math runs in fp32).
+        token_mask: [T] bool, False for padding tokens, which are still routed but excluded
+            from aux losses, statistics and load counts.
+        seq_len: tokens per sequence when the input was [..., S, D] (sequence-wise losses).
+    """
+
+    num_experts: int
+    top_k: int
+
+    def update(self) -> None:
+        """Called by moe.update_routers(model) after optimizer.step(); no-op by default."""
+
+
+def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 0 of values [T, ...] counting only tokens where token_mask is True.
+
+    Returns zeros (not NaN) when no token counts, so an empty batch adds nothing to a loss.
+    """
+    if token_mask is None:
+        return values.sum(0) / max(values.shape[0], 1)
+    m = token_mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * m).sum(0) / m.sum().clamp(min=1)

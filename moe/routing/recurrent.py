@@ -1,0 +1,136 @@
+"""Layerwise recurrent router (RMoE): one GRU cell shared by the MoE layers of a model.
+
+Layer i routes with logits_i = W2_i h_i, h_i = GRUCell(W1_i x_i, h_{i-1}), h_0 = 0 per token.
+Tokens stay parallel; the recurrence runs across layers and is not detached, so gradients of
+layer i's routing reach the routers of earlier layers.
+
+How the state is scoped (no change to the model's forward is needed):
+- The state lives on a RecurrentCore object, shared by the routers of ONE model
+  (tie_recurrent_routers(model) builds it); two models have two cores, never a global.
+- A forward pass starts when the router with layer_index 0 runs: the chain is reset. Router
+  i then reads the state left by router i - 1 in the same pass, and raises a clear error if
+  router i - 1 has not run in this pass or ran on a different number of tokens.
+- Activation checkpointing (non-reentrant, torch's recommended mode): when a layer is
+  recomputed during backward, its router reuses the input state it saw in the original
+  forward (stored per layer, detached) and does not touch the chain, so recomputation gives
+  the same values and the gradient to earlier layers flows through the original graph.
+  Reentrant checkpointing cuts any state not passed as an argument: do not use it here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe.config import RecurrentConfig
+from moe.routing.base import Router, Routing
+from moe.routing.topk import router_losses, softmax_topk
+
+
+def _in_backward() -> bool:
+    # -1 outside the autograd engine; checkpoint recomputation runs inside a graph task.
+    return torch._C._current_graph_task_id() != -1
+
+
+class RecurrentCore(nn.Module):
+    """The shared GRU cell plus the per-forward-pass chain state of one model."""
+
+    def __init__(self, recurrent_dim: int) -> None:
+        super().__init__()
+        self.recurrent_dim = recurrent_dim
+        self.cell = nn.GRUCell(recurrent_dim, recurrent_dim)
+        self.num_layers = 0
+        self._h_in: dict[int, torch.Tensor] = {}
+        self._h_last: torch.Tensor | None = None
+        self._last_index = -1
+
+    def attach(self) -> int:
+        """Registers one more router and returns its layer index."""
+        self.num_layers += 1
+        return self.num_layers - 1
+
+    def reset(self) -> None:
+        """Drops the state of the last pass (it is reset automatically by layer 0 anyway)."""
+        self._h_in.clear()
+        self._h_last, self._last_index = None, -1
+
+    def step(self, layer_index: int, x_TR: torch.Tensor) -> torch.Tensor:
+        """h_i = GRUCell(x_TR, h_{i-1}) for the router at layer_index; returns h_i [T, R]."""
+        if _in_backward() and layer_index in self._h_in:
+            return self.cell(x_TR, self._h_in[layer_index].to(x_TR.dtype))
+        if layer_index == 0:
+            self.reset()
+            h_prev = x_TR.new_zeros(x_TR.shape[0], self.recurrent_dim)
+        else:
+            h_last = self._h_last
+            if self._last_index != layer_index - 1 or h_last is None:
+                raise RuntimeError(
+                    f"recurrent router {layer_index} ran before router {layer_index - 1} in this forward "
+                    f"pass (last ran: {self._last_index}); layers must run in the order they were tied "
+                    "(moe.tie_recurrent_routers(model) ties them in module order)"
+                )
+            if h_last.shape[0] != x_TR.shape[0]:
+                raise RuntimeError(
+                    f"recurrent router {layer_index} got {x_TR.shape[0]} tokens but router "
+                    f"{layer_index - 1} got {h_last.shape[0]}; all tied layers must see the same tokens"
+                )
+            h_prev = h_last
+        self._h_in[layer_index] = h_prev.detach()
+        h = self.cell(x_TR, h_prev)
+        self._h_last, self._last_index = h, layer_index
+        return h
+
+
+class RecurrentRouter(Router):
+    """RMoE router of one layer: W1 (proj_in), the shared core's GRU, W2 (proj_out)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        config: RecurrentConfig | None = None,
+        core: RecurrentCore | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.config = config or RecurrentConfig()
+        r = self.config.recurrent_dim
+        if core is not None and core.recurrent_dim != r:
+            raise ValueError(f"core.recurrent_dim ({core.recurrent_dim}) != config.recurrent_dim ({r})")
+        self.proj_in = nn.Linear(dim, r, bias=False)
+        self.proj_out = nn.Linear(r, num_experts, bias=False)
+        # A lone router gets its own core (a chain of one); tie_recurrent_routers shares one.
+        self.core = core if core is not None else RecurrentCore(r)
+        self.layer_index = self.core.attach()
+
+    def forward(
+        self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
+    ) -> Routing:
+        x = x_TD.float()
+        h = self.core.step(self.layer_index, self.proj_in(x.to(self.proj_in.weight.dtype)).float())
+        logits = (h @ self.proj_out.weight.float().t()).float()
+        probs, weights, ids = softmax_topk(logits, self.top_k, self.config.norm_topk_prob)
+        losses = router_losses(logits, probs, ids, self.config.aux_loss_coef, self.config.z_loss_coef, token_mask)
+        return Routing(ids, weights, losses, probs, x_TD.shape[0] * self.top_k)
+
+
+def tie_recurrent_routers(model: nn.Module, core: RecurrentCore | None = None) -> RecurrentCore:
+    """Makes every RecurrentRouter in `model` share one core, indexed in module order.
+
+    Call it after building the model and before creating the optimizer (the routers' own
+    cores are replaced). Returns the shared core.
+    """
+    routers = [m for m in model.modules() if isinstance(m, RecurrentRouter)]
+    if not routers:
+        raise ValueError("model has no RecurrentRouter; build its MoE layers with router='recurrent'")
+    dims = {r.config.recurrent_dim for r in routers}
+    if len(dims) != 1:
+        raise ValueError(f"recurrent routers of one model must share recurrent_dim, got {sorted(dims)}")
+    core = core if core is not None else routers[0].core
+    core.num_layers = 0
+    core.reset()
+    for router in routers:
+        router.core = core
+        router.layer_index = core.attach()
+    return core
