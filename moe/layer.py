@@ -54,7 +54,8 @@ class MoE(nn.Module):
         shared_expert_gate: scale shared output by sigmoid(x w_g) (Qwen2-MoE).
         capacity_factor: None/0 = dropless (default). > 0: each expert keeps at most
             ceil(cf * T * K / E) copies; first choices win over second choices, then earlier
-            tokens over later ones; dropped copies contribute 0 and are counted in stats.
+            tokens over later ones; dropped copies contribute 0 and are counted in stats. A
+            token with a non-finite input is routed nowhere, so it cannot take another's slot.
         activation: "swiglu" or "gelu".
         backend: op backend, "auto" (fastest correct per device) or a name in moe.ops.registry.
         router_config: the router's config dataclass (alternative to **router_options).
@@ -190,7 +191,7 @@ class MoE(nn.Module):
         if not cfg.dropless:
             assert cfg.capacity_factor is not None
             # A non-finite token is routed nowhere, so its values cannot change who else fits.
-            finite = torch.isfinite(routing.weights).all(dim=1, keepdim=True)
+            finite = torch.isfinite(x_TD).all(dim=1, keepdim=True) & torch.isfinite(routing.weights).all(1, True)
             ids = torch.where(finite, routing.expert_ids, -1)
             cap = expert_capacity(x_TD.shape[0], routing.expert_ids.shape[1], cfg.num_experts, cfg.capacity_factor)
             ids, weights, dropped = apply_capacity(ids, routing.weights, cfg.num_experts, cap)

@@ -16,8 +16,9 @@ def unpermute(y_ND: torch.Tensor, token_idx_N: torch.Tensor, weights_N: torch.Te
 
     Returns:
         [T, D] in y's dtype: out[t] = sum_j [token_idx_N[j] == t] * weights_N[j] * y_ND[j],
-        summed in fp32 so bf16/fp16 experts lose no precision in the k-way sum.
+        summed in fp32 (fp64 stays fp64) so bf16/fp16 experts lose no precision in the k-way sum.
     """
-    out = torch.zeros(num_tokens, y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
-    out = out.index_add(0, token_idx_N, y_ND.float() * weights_N.float().unsqueeze(1))
+    acc = torch.promote_types(y_ND.dtype, torch.float32)
+    out = torch.zeros(num_tokens, y_ND.shape[1], dtype=acc, device=y_ND.device)
+    out = out.index_add(0, token_idx_N, y_ND.to(acc) * weights_N.to(acc).unsqueeze(1))
     return out.to(y_ND.dtype)

@@ -75,7 +75,8 @@ class RecurrentCore(nn.Module):
                     f"{layer_index - 1} got {h_last.shape[0]}; all tied layers must see the same tokens"
                 )
             h_prev = h_last
-        self._h_in[layer_index] = h_prev.detach()
+        # Recomputation must save the same tensors as this forward: keep requires_grad.
+        self._h_in[layer_index] = h_prev.detach().requires_grad_(h_prev.requires_grad)
         h = self.cell(x_TR, h_prev)
         self._h_last, self._last_index = h, layer_index
         return h

@@ -1,0 +1,71 @@
+"""Bad input gets a clear ValueError/TypeError naming the value and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(top_k=0), ValueError, r"top_k must be >= 1, got 0"),
+        (dict(top_k=5), ValueError, r"top_k \(5\) must be <= num_experts \(4\)"),
+        (dict(num_experts=0, top_k=1), ValueError, r"num_experts must be >= 1, got 0"),
+        (dict(dim=8.0), TypeError, r"dim must be an int"),
+        (dict(router="bogus"), ValueError, r"router must be one of"),
+        (dict(activation="relu"), ValueError, r"activation must be one of"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of"),
+        (dict(capacity_factor=-1.0), ValueError, r"capacity_factor must be"),
+        (dict(num_shared_experts=-1), ValueError, r"num_shared_experts must be >= 0"),
+        (dict(shared_expert_gate=True), ValueError, r"shared_expert_gate=True needs num_shared_experts"),
+        (dict(router="aux_free", n_group=3), ValueError, r"num_experts \(4\) must be divisible by n_group \(3\)"),
+        (dict(router="aux_free", n_group=2, topk_group=3), ValueError, r"topk_group \(3\) must be <= n_group \(2\)"),
+        (dict(router="topk", n_group=2), TypeError, r"unknown option\(s\) \['n_group'\] for router 'topk'"),
+        (dict(router="topk", aux_loss_coef=-1.0), ValueError, r"aux_loss_coef must be >= 0"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kwargs: dict, error: type, match: str) -> None:
+    args = dict(dim=8, hidden_dim=16, num_experts=4, top_k=2) | kwargs
+    with pytest.raises(error, match=match):
+        moe.MoE(**args)
+
+
+def test_dim_mismatch() -> None:
+    with pytest.raises(ValueError, match=r"last dim must be dim=8, got shape \(3, 5\)"):
+        moe.MoE(8, 16, 4, 2)(torch.randn(3, 5))
+
+
+def test_integer_input() -> None:
+    with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
+        moe.MoE(8, 16, 4, 2)(torch.ones(3, 8, dtype=torch.int64))
+
+
+def test_dtype_mismatch_names_the_fix() -> None:
+    with pytest.raises(TypeError, match=r"layer.to\(torch.float64\)"):
+        moe.MoE(8, 16, 4, 2)(torch.randn(3, 8, dtype=torch.float64))
+
+
+def test_mixed_devices() -> None:
+    layer = moe.MoE(8, 16, 4, 2).to("meta")
+    with pytest.raises(ValueError, match="input is on cpu but the layer's parameters are on meta"):
+        layer(torch.randn(3, 8))
+
+
+def test_bad_token_mask() -> None:
+    with pytest.raises(ValueError, match="token_mask must be bool of shape"):
+        moe.MoE(8, 16, 4, 2)(torch.randn(3, 8), token_mask=torch.ones(4, dtype=torch.bool))
+
+
+def test_router_module_must_be_a_router() -> None:
+    with pytest.raises(TypeError, match="must subclass moe.routing.Router"):
+        moe.MoE(8, 16, 4, 2, router=torch.nn.Linear(8, 4))
+
+
+def test_unknown_backend_on_device() -> None:
+    from moe import ops
+
+    with pytest.raises(ValueError, match="backend 'nope' cannot run grouped_mm"):
+        ops.resolve("grouped_mm", "nope", torch.device("cpu"))
