@@ -5,6 +5,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
+LINT_PATHS := $(wildcard moe kernels tests benchmarks examples)
 
 .PHONY: venv test demo lint bench gpu clean
 
@@ -26,8 +27,8 @@ demo: venv
 	$(PYTHON) examples/quickstart.py
 
 lint: venv
-	$(PYTHON) -m ruff check moe kernels tests benchmarks examples
-	$(PYTHON) -m ruff format --check moe kernels tests benchmarks examples
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m ruff format --check $(LINT_PATHS)
 	$(PYTHON) -m mypy moe
 
 bench: venv
