@@ -59,6 +59,11 @@ class MoE(nn.Module):
         activation: "swiglu" or "gelu".
         backend: op backend, "auto" (fastest correct per device) or a name in moe.ops.registry.
         router_config: the router's config dataclass (alternative to **router_options).
+        process_group: None (single process) or a torch.distributed group: experts are stored
+            sharded by global id over its ranks and run expert-parallel (moe.parallel).
+        parallel_plan: None (the adaptive planner picks mode and pipeline degree per call) or a
+            pinned moe.parallel.Plan / string such as "ep", "dp", "ep+shard2/d=4".
+        planner_config: moe.parallel.PlannerConfig for the adaptive planner.
         **router_options: fields of the router's config, e.g. aux_loss_coef=1e-2, n_group=4.
 
     After each forward: `layer.aux_losses` (weighted, summed by moe.aux_loss(model)) and
@@ -81,6 +86,9 @@ class MoE(nn.Module):
         activation: str = "swiglu",
         backend: str = "auto",
         router_config: RouterConfig | None = None,
+        process_group: Any = None,
+        parallel_plan: Any = None,
+        planner_config: Any = None,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -114,10 +122,16 @@ class MoE(nn.Module):
         else:
             assert cfg.router_config is not None
             self.router = build_router(dim, num_experts, top_k, cfg.router_config)
-        self.experts = Experts(num_experts, dim, hidden_dim, activation, backend)
+        # Expert parallel (moe.parallel): this rank stores only its shard of the experts.
+        self.parallel = _expert_parallel(self.config, process_group, parallel_plan, planner_config)
+        self.experts: Experts = (
+            Experts(num_experts, dim, hidden_dim, activation, backend)
+            if self.parallel is None
+            else self.parallel.experts
+        )
         self.shared_experts = MLP(dim, cfg.shared_hidden_dim, activation) if num_shared_experts else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
-        self.dispatcher = LocalDispatcher(num_experts, backend)
+        self.dispatcher = LocalDispatcher(num_experts, backend) if self.parallel is None else self.parallel.dispatcher
         self.aux_losses: dict[str, torch.Tensor] = {}
         self._load: torch.Tensor | None = None
         self._dropped: torch.Tensor | None = None
@@ -202,6 +216,9 @@ class MoE(nn.Module):
         else:
             self._dropped = None
 
+        if self.parallel is not None:  # dispatch/experts/combine across ranks, shared experts overlapped
+            self.aux_losses = routing.aux_losses
+            return self.parallel(x_TD, routing, self.experts, self._shared_output).to(in_dtype).view(shape)
         x_sorted, counts, handle = self.dispatcher.dispatch(x_TD, routing)
         y_sorted = self.experts(x_sorted, counts)
         y_TD = self.dispatcher.combine(y_sorted, handle)
@@ -213,6 +230,14 @@ class MoE(nn.Module):
         self.aux_losses = routing.aux_losses
         return y_TD.to(in_dtype).view(shape)
 
+    def _shared_output(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        if self.shared_experts is None:
+            return None
+        shared = self.shared_experts(x_TD)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
+        return shared
+
     def extra_repr(self) -> str:
         c = self.config
         return (
@@ -220,6 +245,14 @@ class MoE(nn.Module):
             f"router={type(self.router).__name__}, shared={c.num_shared_experts}, "
             f"capacity_factor={c.capacity_factor}, activation={c.activation}, backend={c.backend}"
         )
+
+
+def _expert_parallel(config: MoEConfig, group: Any, plan: Any, planner_config: Any) -> Any:
+    if group is None:
+        return None
+    from moe.parallel import ExpertParallel  # torch.distributed only when asked for
+
+    return ExpertParallel(config, group, plan, planner_config)
 
 
 def _router_config(name: str, options: dict[str, Any]) -> RouterConfig:

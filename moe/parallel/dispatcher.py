@@ -1,0 +1,231 @@
+"""Expert-parallel dispatch and combine over a process group, optionally pipelined in d chunks.
+
+The same seam as moe.dispatch.LocalDispatcher (dispatch -> experts -> combine), built from the
+same ops (sort_by_expert, permute, unpermute) plus all_to_all_single with per-rank splits:
+dropless, uneven counts, zero tokens on a rank, autograd through both exchanges.
+
+Per chunk of local tokens (mode r >= 1, blocks of r ranks serve E_b = E * r / W experts each):
+    sort copies by global expert -> rows of block j are contiguous -> send them to each of the
+    r members of block j (one all_to_all_single) -> rows arrive ordered (source, expert) ->
+    reorder to (expert, source) -> grouped GEMM -> reverse the reorder -> all_to_all back ->
+    one weighted unpermute of all chunks (r partial outputs of a sharded expert are summed).
+Mode 0 (data parallel) keeps tokens local and computes with all-gathered expert weights.
+Pipelining: every chunk's exchange is started before any is waited on, so chunk c + 1's
+dispatch and chunk c - 1's combine are in flight while chunk c's experts run; the shared
+experts run while the first dispatch is in flight.
+
+Shape legend: T local tokens, K top-k, D dim, E experts, E_b experts served per block,
+W ranks, S rows sent, R rows received, C chunks (d).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe import ops
+from moe.parallel.comm import (
+    PendingExchange,
+    all_to_all,
+    exchange_counts,
+    hierarchical_all_to_all,
+    start_all_to_all,
+    wait_all_to_all,
+)
+from moe.parallel.experts import ParallelExperts
+from moe.routing.base import Routing
+
+
+def transpose_segments(counts_SE: torch.Tensor) -> torch.Tensor:
+    """Index [R] that reorders rows grouped (source, expert) into (expert, source) order.
+
+    Args:
+        counts_SE: [S, E] int64 rows of each (source, expert) segment, segments in row-major order.
+    """
+    flat = counts_SE.reshape(-1)
+    starts = (torch.cumsum(flat, 0) - flat).reshape(counts_SE.shape)
+    cnt_t, start_t = counts_SE.t().reshape(-1), starts.t().reshape(-1)
+    total = int(flat.sum())
+    new_starts = torch.cumsum(cnt_t, 0) - cnt_t
+    within = torch.arange(total) - torch.repeat_interleave(new_starts, cnt_t)
+    return torch.repeat_interleave(start_t, cnt_t) + within
+
+
+@dataclass
+class ChunkRoute:
+    """Everything one chunk's exchange and combine need (plain ints: no device syncs later)."""
+
+    token_idx: torch.Tensor  # [N] int64 token (in the local batch) of each routed copy
+    weights: torch.Tensor  # [N] fp32 gate weight of each routed copy
+    send_token_idx: torch.Tensor  # [S] token of each sent row (S = N * r: r replicas per copy)
+    replica_of: torch.Tensor | None  # [S] copy of each sent row (None: S = N in copy order)
+    in_splits: list[int]  # [W] rows sent to each rank
+    out_splits: list[int]  # [W] rows received from each rank
+    order: torch.Tensor  # [R] received (source, expert) order -> (expert, source)
+    inverse: torch.Tensor  # [R] inverse of order
+    counts: torch.Tensor  # [E_b] rows per served expert
+    split_matrix: torch.Tensor | None = None  # [W, W] for the hierarchical exchange
+
+
+@dataclass
+class ParallelHandle:
+    """What combine needs: the routes of every chunk and the local token count."""
+
+    routes: list[ChunkRoute]
+    num_tokens: int
+    mode: int
+
+
+class ExpertParallelDispatcher:
+    """Dispatch/combine across ranks in mode r (0 = data parallel, 1 = EP, > 1 = EP + sharded).
+
+    Args:
+        num_experts: E (global).
+        group: the expert-parallel process group (None = WORLD).
+        backend: op backend for sort/permute/unpermute/grouped_mm.
+        local_size: ranks per node for the 2D hierarchical exchange (None = flat all-to-all).
+    """
+
+    def __init__(self, num_experts: int, group: Any = None, backend: str = "auto", local_size: int | None = None):
+        self.num_experts, self.group, self.backend = num_experts, group, backend
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if local_size is not None and (local_size < 1 or self.world % local_size):
+            raise ValueError(f"local_size ({local_size}) must divide the world size ({self.world})")
+        self.local_size = local_size if local_size not in (None, 1, self.world) else None
+
+    # -- routing ---------------------------------------------------------------------------
+    def _sort(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor, offset: int):  # type: ignore[no-untyped-def]
+        k = ids_TK.shape[1]
+        order, counts_E = ops.sort_by_expert(ids_TK.reshape(-1), self.num_experts, self.backend)
+        n = int(counts_E.sum())
+        order = order[:n]
+        return order // k + offset, weights_TK.reshape(-1)[order], counts_E
+
+    def plan_routes(self, routing: Routing, mode: int, chunks: int) -> list[ChunkRoute]:
+        """Sorts each chunk's copies and exchanges the per-expert counts (one small collective)."""
+        ids, weights = routing.expert_ids, routing.weights
+        bounds = [len(c) for c in torch.tensor_split(torch.arange(ids.shape[0]), chunks)]
+        sorted_chunks, offset = [], 0
+        for size in bounds:
+            sorted_chunks.append(self._sort(ids[offset : offset + size], weights[offset : offset + size], offset))
+            offset += size
+        if mode == 0:
+            return [
+                ChunkRoute(tok, w, tok, None, [], [], torch.empty(0), torch.empty(0), counts)
+                for tok, w, counts in sorted_chunks
+            ]
+        w = self.world
+        per_block = self.num_experts * mode // w
+        member_block = torch.arange(w) // mode  # block of each rank
+        counts_CBE = torch.stack([c for _, _, c in sorted_chunks]).view(chunks, w // mode, per_block)
+        send_WCE = counts_CBE[:, member_block].permute(1, 0, 2).contiguous()  # to rank q: its block's counts
+        recv_WCE = exchange_counts(send_WCE.view(w, -1), self.group).view(w, chunks, per_block)
+        split_matrices = None
+        if self.local_size is not None:
+            mine_CW = send_WCE.sum(2).t().contiguous()
+            gathered = [torch.empty_like(mine_CW) for _ in range(w)]
+            dist.all_gather(gathered, mine_CW, group=self.group)
+            split_matrices = torch.stack(gathered)  # [W src, C, W dst]
+        routes = []
+        block_counts_CB = counts_CBE.sum(2)
+        for c, (tok, wts, _) in enumerate(sorted_chunks):
+            bc = block_counts_CB[c]
+            starts = torch.cumsum(bc, 0) - bc
+            sel = torch.cat([torch.arange(int(starts[b]), int(starts[b] + bc[b])) for b in member_block.tolist()])
+            rc = recv_WCE[:, c]
+            order = transpose_segments(rc)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel())
+            routes.append(
+                ChunkRoute(
+                    tok,
+                    wts,
+                    tok[sel],
+                    sel if mode > 1 else None,
+                    bc[member_block].tolist(),
+                    rc.sum(1).tolist(),
+                    order,
+                    inverse,
+                    rc.sum(0),
+                    None if split_matrices is None else split_matrices[:, c],
+                )
+            )
+        return routes
+
+    # -- exchanges --------------------------------------------------------------------------
+    def _start(self, x: torch.Tensor, route: ChunkRoute, back: bool) -> Any:
+        ins, outs = (route.out_splits, route.in_splits) if back else (route.in_splits, route.out_splits)
+        if route.split_matrix is not None:
+            sm = route.split_matrix.t() if back else route.split_matrix
+            assert self.local_size is not None
+            return hierarchical_all_to_all(x, sm, self.local_size, self.group), None
+        return start_all_to_all(x, ins, outs, self.group)
+
+    @staticmethod
+    def _wait(started: tuple[torch.Tensor, PendingExchange | None]) -> torch.Tensor:
+        buf, pending = started
+        return buf if pending is None else wait_all_to_all(buf, pending)
+
+    # -- the seam ---------------------------------------------------------------------------
+    def dispatch(
+        self, x_TD: torch.Tensor, routing: Routing, mode: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, ParallelHandle]:
+        """(x_sorted [R, D] rows of this rank's experts sorted by expert, counts [E_b], handle)."""
+        (route,) = self.plan_routes(routing, mode, 1)
+        x_sent = ops.permute(x_TD, route.send_token_idx, self.backend)
+        if mode == 0:
+            return x_sent, route.counts, ParallelHandle([route], x_TD.shape[0], mode)
+        x_recv = self._wait(self._start(x_sent, route, back=False))
+        return x_recv.index_select(0, route.order), route.counts, ParallelHandle([route], x_TD.shape[0], mode)
+
+    def combine(self, y_sorted: torch.Tensor, handle: ParallelHandle) -> torch.Tensor:
+        """y_sorted [R, D] from dispatch's rows -> y_TD [T, D] (weighted sum in fp32)."""
+        (route,) = handle.routes
+        if handle.mode != 0:
+            y_sorted = self._wait(self._start(y_sorted.index_select(0, route.inverse), route, back=True))
+        return self._unpermute([y_sorted], handle.routes, handle.num_tokens)
+
+    def _unpermute(self, ys: list[torch.Tensor], routes: list[ChunkRoute], num_tokens: int) -> torch.Tensor:
+        # Partial outputs of a sharded expert are summed per copy first, so each copy's gate
+        # weight multiplies (and receives the gradient of) one full expert output.
+        copies = [
+            y if r.replica_of is None else y.new_zeros(r.token_idx.shape[0], y.shape[1]).index_add(0, r.replica_of, y)
+            for y, r in zip(ys, routes, strict=True)
+        ]
+        y_all = torch.cat(copies) if len(copies) > 1 else copies[0]
+        token_idx = torch.cat([r.token_idx for r in routes])
+        weights = torch.cat([r.weights for r in routes])
+        return ops.unpermute(y_all, token_idx, weights, num_tokens, self.backend)
+
+    def run(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        experts: ParallelExperts,
+        mode: int,
+        chunks: int,
+        shared_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dispatch, experts and combine of all chunks, pipelined; returns (y_TD, shared output)."""
+        routes = self.plan_routes(routing, mode, chunks)
+        sent = [ops.permute(x_TD, r.send_token_idx, self.backend) for r in routes]
+        started = [self._start(x, r, back=False) for x, r in zip(sent, routes, strict=True)] if mode else []
+        shared = shared_fn(x_TD) if shared_fn is not None else None  # overlaps the dispatch
+        weights = experts.weights(mode)
+        outs = []
+        for c, route in enumerate(routes):
+            if mode == 0:
+                outs.append(experts(sent[c], route.counts, weights))
+                continue
+            x_recv = self._wait(started[c]).index_select(0, route.order)
+            y = experts(x_recv, route.counts, weights).index_select(0, route.inverse)
+            outs.append(self._start(y, route, back=True))
+        ys = outs if mode == 0 else [self._wait(o) for o in outs]
+        return self._unpermute(ys, routes, x_TD.shape[0]), shared
+
+
+__all__ = ["ExpertParallelDispatcher", "ParallelHandle", "ChunkRoute", "transpose_segments", "all_to_all"]

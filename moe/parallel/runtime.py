@@ -1,0 +1,113 @@
+"""ExpertParallel: what moe.MoE(..., process_group=...) runs instead of the local data path.
+
+It owns the expert-parallel dispatcher and the adaptive planner; the layer owns the
+ParallelExperts module (so parameters and state_dict keys stay on the layer).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe.config import MoEConfig
+from moe.parallel.comm import check_same_config
+from moe.parallel.dispatcher import ExpertParallelDispatcher
+from moe.parallel.experts import ParallelExperts
+from moe.parallel.layout import valid_modes
+from moe.parallel.planner import Plan, Planner, PlannerConfig, timer
+from moe.reference import count_tokens
+from moe.routing.base import Routing
+
+
+def _code(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def config_fingerprint(config: MoEConfig, world: int) -> dict[str, int]:
+    """The integer fields every rank's layer must agree on."""
+    return {
+        "num_experts": config.num_experts,
+        "dim": config.dim,
+        "hidden_dim": config.hidden_dim,
+        "top_k": config.top_k,
+        "activation": _code(str(config.activation)),
+        "router": _code(str(config.router)),
+        "num_shared_experts": config.num_shared_experts,
+        "world_size": world,
+    }
+
+
+class ExpertParallel:
+    """Runs dispatch -> experts -> combine of one layer across a process group.
+
+    Args:
+        config: the layer's MoEConfig.
+        group: the expert-parallel process group (every rank of it must build the same layers
+            in the same order: construction checks the config with one all_gather).
+        plan: None (adaptive), or a Plan / "ep/d=2"-style string pinning mode and degree.
+        planner_config: PlannerConfig for the adaptive planner.
+        local_size: ranks per node for the hierarchical all-to-all (None = flat).
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        group: Any,
+        plan: Plan | str | None = None,
+        planner_config: PlannerConfig | None = None,
+        local_size: int | None = None,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "process_group was given but torch.distributed is not initialized; call "
+                "dist.init_process_group(...) first (torchrun sets the environment)"
+            )
+        self.group = group
+        world = dist.get_world_size(group)
+        check_same_config(config_fingerprint(config, world), group)
+        self.num_experts = config.num_experts
+        self.experts = ParallelExperts(
+            config.num_experts, config.dim, config.hidden_dim, config.activation, config.backend, group
+        )
+        self.dispatcher = ExpertParallelDispatcher(config.num_experts, group, config.backend, local_size)
+        self.modes = valid_modes(config.num_experts, config.hidden_dim, world)
+        pinned = Plan.parse(plan) if isinstance(plan, str) else plan
+        self.planner = Planner(
+            self.modes,
+            group,
+            planner_config,
+            None if pinned is None else pinned.mode,
+            None if pinned is None else pinned.chunks,
+        )
+        self.last_plan: Plan | None = None
+
+    def pin(self, plan: Plan | str | None) -> None:
+        """Pins a plan (None = adaptive again). Safe between any two forward calls."""
+        p = Plan.parse(plan) if isinstance(plan, str) else plan
+        self.planner.pin(None if p is None else p.mode, None if p is None else p.chunks)
+
+    def report(self) -> dict[str, Any]:
+        """The planner's choice, reason and per-candidate timings (see Planner.report)."""
+        return self.planner.report()
+
+    def __call__(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        experts: ParallelExperts,
+        shared_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """y_TD [T, D] = routed experts (+ shared experts, computed while the dispatch is in flight)."""
+        plan, measure = self.planner.choose()
+        start = timer()
+        y_TD, shared = self.dispatcher.run(x_TD, routing, experts, plan.mode, plan.chunks, shared_fn)
+        if measure:
+            copies = int((routing.expert_ids >= 0).sum())
+            load = count_tokens(routing.expert_ids, self.num_experts)
+            self.planner.record(plan, timer() - start, copies, load)
+        self.last_plan = plan
+        return y_TD if shared is None else y_TD + shared

@@ -1,0 +1,219 @@
+"""Expert parallelism on 2 and 4 gloo ranks (CPU): every mode and pipeline degree vs one process.
+
+Each spawned rank builds the single-process layer itself (fp64, tiny shapes) and checks its
+own slice of the outputs and gradients, so a failure raises inside the rank and mp.spawn
+re-raises it here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import moe
+from moe.parallel import ExpertParallelDispatcher, Plan, PlannerConfig, load_checkpoint, save_checkpoint
+from moe.parallel.layout import valid_modes
+
+pytestmark = pytest.mark.distributed
+
+D, H, K = 6, 4, 2
+TOL = dict(rtol=1e-10, atol=1e-10)
+TOKENS = [5, 0, 7, 3]  # rank 1 has no tokens
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn: Callable[..., None], world: int, *args: Any, timeout_s: float = 60) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_entry, args=(world, _free_port(), fn, args, timeout_s), nprocs=world, join=True)
+
+
+def _layers(world: int, num_experts: int, **kw: Any) -> tuple[moe.MoE, moe.MoE]:
+    """(single-process layer, expert-parallel layer with the same weights), fp64."""
+    torch.manual_seed(0)
+    opts = dict(num_shared_experts=1, shared_expert_gate=True)
+    single = moe.MoE(D, H, num_experts, K, **opts).double()  # type: ignore[arg-type]
+    with torch.no_grad():
+        # Dyadic router weights and inputs make the fp32 logits exact whatever the batch split,
+        # so the routing is bitwise identical and fp64 outputs can be compared at 1e-10.
+        single.router.weight.copy_(torch.round(single.router.weight * 16) / 4)
+        single.router.weight[-1] = -5.0  # inputs are positive: the last expert never gets a token
+    layer = moe.MoE(D, H, num_experts, K, **opts, process_group=dist.group.WORLD, **kw).double()  # type: ignore[arg-type]
+    state = {k: v for k, v in single.state_dict().items() if not k.startswith("experts.")}
+    layer.load_state_dict(state, strict=False)
+    layer.experts.load_global(single.experts.w_in.detach(), single.experts.w_out.detach())
+    return single, layer
+
+
+def _batch(world: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randint(1, 9, (t, D), generator=g).double() / 8 for t in TOKENS[:world]]
+    gs = [torch.randn(t, D, generator=g, dtype=torch.float64) for t in TOKENS[:world]]
+    return xs, gs
+
+
+def _local_expert_grad(layer: moe.MoE, full_w_in: torch.Tensor, full_w_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    probe = moe.parallel.ParallelExperts(
+        layer.config.num_experts, D, H, layer.config.activation, "auto", dist.group.WORLD
+    ).double()
+    probe.load_global(full_w_in, full_w_out)
+    return probe.w_in.detach(), probe.w_out.detach()
+
+
+def _check_against_single(layer: moe.MoE, single: moe.MoE, rank: int, world: int, plans: list[Plan | None]) -> None:
+    single.zero_grad(set_to_none=True)
+    xs, gs = _batch(world)
+    x_all = torch.cat(xs).requires_grad_()
+    y_ref = single(x_all)
+    (y_ref * torch.cat(gs)).sum().backward()
+    if single.config.num_experts > K:
+        assert int(single.stats.tokens_per_expert[-1]) == 0  # an expert with no tokens anywhere
+    start = sum(TOKENS[:rank])
+    sl = slice(start, start + TOKENS[rank])
+    ref_w_in, ref_w_out = _local_expert_grad(layer, single.experts.w_in.grad, single.experts.w_out.grad)
+    for plan in plans:
+        if plan is not None:
+            layer.parallel.pin(plan)
+        layer.zero_grad(set_to_none=True)
+        x = xs[rank].clone().requires_grad_()
+        y = layer(x)
+        (y * gs[rank]).sum().backward()
+        torch.testing.assert_close(y, y_ref[sl].detach(), **TOL, msg=f"{plan}: output")
+        torch.testing.assert_close(x.grad, x_all.grad[sl], **TOL, msg=f"{plan}: input grad")
+        torch.testing.assert_close(layer.experts.w_in.grad, ref_w_in, **TOL, msg=f"{plan}: w_in grad")
+        torch.testing.assert_close(layer.experts.w_out.grad, ref_w_out, **TOL, msg=f"{plan}: w_out grad")
+        for (name, p), q in zip(layer.named_parameters(), single.parameters(), strict=True):
+            if name.startswith("experts."):
+                continue
+            grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)  # replicated params: the global batch's grad is the sum over ranks
+            # The router computes in fp32 by design, so its weight's grad is fp32-accurate only.
+            tol = dict(rtol=1e-6, atol=1e-8) if name.startswith("router.") else TOL
+            torch.testing.assert_close(grad, q.grad, **tol, msg=f"{plan}: {name} grad")
+
+
+def _modes_rank(rank: int, world: int, num_experts: int, degrees: tuple[int, ...]) -> None:
+    single, layer = _layers(world, num_experts, parallel_plan="ep" if num_experts >= world else "dp")
+    modes = valid_modes(num_experts, H, world)
+    assert layer.parallel.modes == modes
+    plans: list[Plan | None] = [Plan(m, d) for m in modes for d in degrees]
+    _check_against_single(layer, single, rank, world, plans + plans[:1])  # switch back: no parameter moved
+
+
+def _save(rank: int, world: int, path: str, out_path: str) -> None:
+    _, layer = _layers(world, 4, parallel_plan="ep")
+    with torch.no_grad():
+        layer.experts.w_in.mul_(1.5 + rank)  # distinct from the seed's weights
+    save_checkpoint(layer, path)
+    torch.save(layer(_batch(world)[0][rank]), f"{out_path}.{rank}")
+
+
+def _check_mismatch(rank: int) -> None:
+    for kwargs, field in [(dict(num_experts=4 + 4 * rank), "num_experts"), (dict(dim=D + 2 * rank), "dim")]:
+        args = dict(dim=D, hidden_dim=H, num_experts=4, top_k=K) | kwargs
+        with pytest.raises(ValueError, match=f"{field}: rank 0=.*rank 1="):
+            moe.MoE(**args, process_group=dist.group.WORLD)  # type: ignore[arg-type]
+
+
+def _check_timeout(rank: int) -> None:
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
+    if rank == 0:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):
+            dist.all_reduce(torch.ones(1), group=group)  # rank 1 never joins
+        assert time.monotonic() - start < 30
+    dist.barrier()
+
+
+def _two_ranks(rank: int, world: int, path: str, out_path: str) -> None:
+    _modes_rank(rank, world, 4, (1, 3))
+    _check_mismatch(rank)
+    _save(rank, world, path, out_path)
+    _check_timeout(rank)
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory: Any) -> tuple[str, torch.Tensor]:
+    """Runs every 2-rank check once; returns (EP-2 checkpoint path, EP-2 outputs on the batch)."""
+    tmp = tmp_path_factory.mktemp("ep2")
+    path, out = str(tmp / "ckpt.safetensors"), str(tmp / "y")
+    _spawn(_two_ranks, 2, path, out)
+    return path, torch.cat([torch.load(f"{out}.{r}") for r in range(2)])
+
+
+def test_two_ranks_modes_mismatch_timeout_checkpoint(ep2_run: tuple[str, torch.Tensor]) -> None:
+    """2 ranks: every mode x degree vs one process (run in the fixture), mismatched configs
+    raise on every rank, a timed-out collective raises; the EP-2 checkpoint loads at EP 1."""
+    path, y2 = ep2_run
+    single = moe.MoE(D, H, 4, K, num_shared_experts=1, shared_expert_gate=True).double()
+    load_checkpoint(single, path)
+    torch.testing.assert_close(single(torch.cat(_batch(2)[0])).detach(), y2, **TOL)
+
+
+def _four_ranks(rank: int, world: int, path: str, out_path: str) -> None:
+    _modes_rank(rank, world, 4, (1, 3))
+    cfg = PlannerConfig(chunk_options=(1, 2), warmup=0, samples=1, check_every=2)
+    single, layer = _layers(world, 4, planner_config=cfg)
+    n_candidates = len(layer.parallel.planner.candidates)
+    _check_against_single(layer, single, rank, world, [None] * (n_candidates + 3))
+    report = layer.parallel.report()
+    assert not report["exploring"] and report["plan"] in report["candidates"], report
+    assert "fastest predicted" in report["reason"], report
+    assert all(row["samples"] >= 1 for row in report["candidates"].values()), report
+    # Hierarchical 2D exchange (2 "nodes" of 2 ranks) gives the same results.
+    layer.parallel.dispatcher = ExpertParallelDispatcher(4, dist.group.WORLD, local_size=2)
+    _check_against_single(layer, single, rank, world, [Plan(1, 1), Plan(2, 2)])
+    # The EP-2 checkpoint at EP 4 (the 2-rank batch, split 4 ways).
+    torch.manual_seed(123)
+    loaded = moe.MoE(D, H, 4, K, num_shared_experts=1, shared_expert_gate=True, process_group=dist.group.WORLD)
+    loaded = loaded.double()
+    load_checkpoint(loaded, path)
+    x = torch.cat(_batch(2)[0])
+    share = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+    torch.save((share, loaded(x[share])), f"{out_path}.{rank}")
+
+
+def test_four_ranks_modes_planner_hierarchical_checkpoint(ep2_run: tuple[str, torch.Tensor], tmp_path: Any) -> None:
+    """4 ranks: every mode x degree, the adaptive planner and the hierarchical exchange vs one
+    process; the EP-2 checkpoint loaded at EP 4 gives EP 2's outputs."""
+    path, y2 = ep2_run
+    out = str(tmp_path / "y")
+    _spawn(_four_ranks, 4, path, out)
+    y4 = torch.empty_like(y2)
+    for r in range(4):
+        share, y = torch.load(f"{out}.{r}")
+        y4[share] = y
+    torch.testing.assert_close(y4, y2, **TOL)
+
+
+def test_four_ranks_two_experts_sharded_storage() -> None:
+    """W > E: each rank stores half of one expert's hidden units; every mode still matches."""
+    _spawn(_modes_rank, 4, 2, (1, 2))
