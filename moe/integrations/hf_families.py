@@ -1,0 +1,200 @@
+"""One small spec per Hugging Face sparse-MoE family: what it routes with and where its weights live.
+
+Blocks are recognised by class name, so transformers is never imported here and remote-code
+ports with the same names (e.g. DeepSeek's own modeling_deepseek.py) are read the same way.
+
+Shape legend: T tokens, D model dim, I expert hidden dim (HF "intermediate"), E experts.
+
+Weight layouts read (both give our Experts.w_in [E, D, 2I] with the gate in [:I], w_out [E, I, D]):
+    fused (transformers 5.x): experts.gate_up_proj [E, 2I, D] (rows [:I] gate), experts.down_proj [E, D, I].
+    per_expert (transformers 4.57 and remote code): experts = ModuleList of MLPs with nn.Linear
+        (w1 gate, w3 up, w2 down) or (gate_proj, up_proj, down_proj).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe.config import AuxFreeConfig, RouterConfig, TopKConfig
+
+_MISSING = object()
+
+# (gate, up, down) attribute names of one per-expert MLP, in the order tried.
+PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+
+
+def read_option(block: nn.Module, *names: str, default: Any = _MISSING) -> Any:
+    """First attribute among `names` on block.gate, then block, then block.config."""
+    holders = [getattr(block, "gate", None), block, getattr(block, "config", None)]
+    for holder in holders:
+        for name in names:
+            value = getattr(holder, name, _MISSING) if holder is not None else _MISSING
+            if value is not _MISSING and value is not None:
+                return value
+    if default is _MISSING:
+        raise TypeError(f"{type(block).__name__} has none of the attributes {names} on its gate, itself or its config")
+    return default
+
+
+def _mixtral_router(block: nn.Module) -> RouterConfig:
+    # Mixtral always renormalises; HF's jitter also scales the experts' input (ours: the router's only).
+    return TopKConfig(
+        norm_topk_prob=True, aux_loss_coef=0.0, jitter=float(read_option(block, "jitter_noise", default=0.0))
+    )
+
+
+def _softmax_topk_router(block: nn.Module) -> RouterConfig:
+    return TopKConfig(norm_topk_prob=bool(read_option(block, "norm_topk_prob")), aux_loss_coef=0.0)
+
+
+def _deepseek_v3_router(block: nn.Module) -> RouterConfig:
+    return AuxFreeConfig(
+        score_func="sigmoid",
+        n_group=int(read_option(block, "num_group", "n_group")),
+        topk_group=int(read_option(block, "topk_group")),
+        routed_scaling_factor=float(read_option(block, "routed_scaling_factor")),
+        norm_topk_prob=bool(read_option(block, "norm_topk_prob")),
+    )
+
+
+def _deepseek_v2_router(block: nn.Module) -> RouterConfig:
+    method = read_option(block, "topk_method", default="greedy")
+    if method != "greedy":
+        raise TypeError(
+            f"{type(block).__name__} with topk_method={method!r} is not supported: only 'greedy' maps onto "
+            "moe routers (V2's group_limited_greedy scores groups by their max expert); use topk_method='greedy'"
+        )
+    # Softmax scores, plain top-k, no renormalisation, scaled; no bias, so no bias updates either.
+    return AuxFreeConfig(
+        score_func="softmax",
+        routed_scaling_factor=float(read_option(block, "routed_scaling_factor")),
+        norm_topk_prob=False,
+        bias_update_rate=0.0,
+    )
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How one HF family's sparse MoE block maps onto moe.MoE.
+
+    Attributes:
+        family: human name used in messages.
+        block_classes: class names of the family's sparse MoE block (one name across versions).
+        router: our router name ("topk" or "aux_free").
+        router_config: builds our router config from the block's (or its gate's) attributes.
+        shared_expert: attribute of the always-on shared MLP, or None.
+        shared_expert_gate: attribute of the Linear(D, 1) whose sigmoid scales the shared MLP, or None.
+        per_expert_returns_logits: 4.57-style (per-expert) blocks of this family returned
+            (hidden [B, S, D], router_logits [T, E]) instead of a tensor; 5.x blocks all return a tensor.
+    """
+
+    family: str
+    block_classes: tuple[str, ...]
+    router: str
+    router_config: Callable[[nn.Module], RouterConfig]
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    per_expert_returns_logits: bool = False
+
+
+FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec("Mixtral", ("MixtralSparseMoeBlock",), "topk", _mixtral_router, per_expert_returns_logits=True),
+    FamilySpec(
+        "Qwen2-MoE",
+        ("Qwen2MoeSparseMoeBlock",),
+        "topk",
+        _softmax_topk_router,
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+        per_expert_returns_logits=True,
+    ),
+    FamilySpec("Qwen3-MoE", ("Qwen3MoeSparseMoeBlock",), "topk", _softmax_topk_router, per_expert_returns_logits=True),
+    FamilySpec("OLMoE", ("OlmoeSparseMoeBlock",), "topk", _softmax_topk_router, per_expert_returns_logits=True),
+    FamilySpec("DeepSeek-V3", ("DeepseekV3MoE",), "aux_free", _deepseek_v3_router, shared_expert="shared_experts"),
+    FamilySpec("DeepSeek-V2", ("DeepseekV2Moe", "DeepseekV2MoE"), "aux_free", _deepseek_v2_router, "shared_experts"),
+)
+
+SPECS_BY_CLASS: dict[str, FamilySpec] = {name: spec for spec in FAMILIES for name in spec.block_classes}
+SUPPORTED_BLOCKS: tuple[str, ...] = tuple(SPECS_BY_CLASS)
+
+
+def spec_for(block: nn.Module) -> FamilySpec:
+    """The family spec of `block`, or TypeError naming its class and the supported ones."""
+    spec = SPECS_BY_CLASS.get(type(block).__name__)
+    if spec is None:
+        raise TypeError(
+            f"{type(block).__name__} is not a supported Hugging Face sparse MoE block; "
+            f"supported: {', '.join(SUPPORTED_BLOCKS)}"
+        )
+    return spec
+
+
+@dataclass
+class ExpertWeights:
+    """Routed-expert weights in our layout (views of the HF tensors; the caller copies).
+
+    w_in: [E, D, 2I], columns [:I] gate, [I:] up. w_out: [E, I, D]. per_expert: read from a ModuleList.
+    """
+
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    per_expert: bool
+
+
+def _linear_weight(module: nn.Module, name: str, block: nn.Module) -> torch.Tensor:
+    linear = getattr(module, name)
+    if getattr(linear, "bias", None) is not None:
+        raise TypeError(f"{type(block).__name__}: expert projection {name} has a bias; moe.Experts has none")
+    weight: torch.Tensor = linear.weight
+    return weight
+
+
+def expert_weights(block: nn.Module) -> ExpertWeights:
+    """Reads block.experts in the fused (5.x) or per-expert (4.57) layout."""
+    experts = getattr(block, "experts", None)
+    name = type(block).__name__
+    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        for extra in ("gate_up_proj_bias", "down_proj_bias"):
+            if getattr(experts, extra, None) is not None:
+                raise TypeError(f"{name}: experts.{extra} is set; moe.Experts has no biases")
+        gate_up_E2ID: torch.Tensor = experts.gate_up_proj  # type: ignore[union-attr]
+        down_EDI: torch.Tensor = experts.down_proj  # type: ignore[union-attr]
+        return ExpertWeights(gate_up_E2ID.transpose(1, 2), down_EDI.transpose(1, 2), per_expert=False)
+    if isinstance(experts, nn.ModuleList) and len(experts) > 0:
+        first = experts[0]
+        for gate, up, down in PER_EXPERT_NAMES:
+            if all(isinstance(getattr(first, n, None), nn.Linear) for n in (gate, up, down)):
+                w_in = [
+                    torch.cat([_linear_weight(e, gate, block).t(), _linear_weight(e, up, block).t()], dim=1)
+                    for e in experts
+                ]
+                w_out = [_linear_weight(e, down, block).t() for e in experts]
+                return ExpertWeights(torch.stack(w_in), torch.stack(w_out), per_expert=True)
+    raise TypeError(
+        f"{name}.experts has an unsupported layout ({type(experts).__name__}); supported: fused "
+        "gate_up_proj [E, 2I, D] + down_proj [E, D, I] (transformers 5.x), or a ModuleList of MLPs with "
+        "w1/w3/w2 or gate_proj/up_proj/down_proj nn.Linear (transformers 4.57)"
+    )
+
+
+def check_silu(block: nn.Module) -> None:
+    """moe.Experts computes silu(gate) * up: refuse other activations instead of silently differing."""
+    experts = block.experts
+    holder = experts[0] if isinstance(experts, nn.ModuleList) else experts
+    act = getattr(holder, "act_fn", None)
+    hidden_act = read_option(block, "hidden_act", default=None)
+    is_silu = isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+    if hidden_act is not None and hidden_act not in ("silu", "swish"):
+        is_silu = False
+    if act is None and hidden_act is None:
+        is_silu = True  # nothing says otherwise; every supported family is SwiGLU by design
+    if not is_silu:
+        raise TypeError(
+            f"{type(block).__name__} uses activation {hidden_act or type(act).__name__}; "
+            "moe.MoE experts are SwiGLU (silu(gate) * up) only"
+        )
