@@ -13,6 +13,7 @@ from typing import Literal
 Activation = Literal["swiglu", "gelu"]
 Backend = Literal["auto", "reference", "cpp", "triton", "torch"]
 ScoreFunc = Literal["softmax", "sigmoid"]
+GroupScore = Literal["top2_sum", "max"]
 
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("auto", "reference", "cpp", "triton", "torch")
@@ -67,6 +68,8 @@ class AuxFreeConfig:
         score_func: "sigmoid" (DeepSeek-V3) or "softmax" (DeepSeek-V2 style scores).
         n_group: expert groups for group-limited routing (1 = no group limit).
         topk_group: groups kept per token; must be <= n_group.
+        group_score: how a group is scored: "top2_sum" (DeepSeek-V3: sum of its top-2 scores)
+            or "max" (DeepSeek-V2's group_limited_greedy: its best expert).
         routed_scaling_factor: multiplies the gate weights (2.5 in the 671B config).
         norm_topk_prob: renormalise the selected (unbiased) scores before scaling.
         bias_update_rate: gamma in b_i += gamma * sign(mean_load - load_i).
@@ -76,6 +79,7 @@ class AuxFreeConfig:
     score_func: ScoreFunc = "sigmoid"
     n_group: int = 1
     topk_group: int = 1
+    group_score: GroupScore = "top2_sum"
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     bias_update_rate: float = 1e-3
@@ -85,6 +89,7 @@ class AuxFreeConfig:
         _check_choice("score_func", self.score_func, ("softmax", "sigmoid"))
         _check_positive_int("n_group", self.n_group)
         _check_positive_int("topk_group", self.topk_group)
+        _check_choice("group_score", self.group_score, ("top2_sum", "max"))
         if self.topk_group > self.n_group:
             raise ValueError(
                 f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group}): "
@@ -225,7 +230,7 @@ class MoEConfig:
             cfg = self.router_config
             if self.num_experts % cfg.n_group:
                 raise ValueError(f"num_experts ({self.num_experts}) must be divisible by n_group ({cfg.n_group})")
-            if cfg.n_group > 1 and self.num_experts // cfg.n_group < 2:
+            if cfg.n_group > 1 and cfg.group_score == "top2_sum" and self.num_experts // cfg.n_group < 2:
                 raise ValueError(
                     f"group-limited routing scores each group by its top-2 experts, so each of the "
                     f"{cfg.n_group} groups needs >= 2 experts (num_experts={self.num_experts})"

@@ -75,6 +75,10 @@ def tiny_config(family: str) -> Any:
             **_MLA,
             **_COMMON,
         )
+    if family == "deepseek_v2_group":
+        config = tiny_config("deepseek_v2")
+        config.topk_method, config.n_group, config.topk_group = "group_limited_greedy", 4, 2
+        return config
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -86,6 +90,7 @@ BLOCK_CLASSES = {
     "olmoe_norm": ("olmoe", "OlmoeSparseMoeBlock"),
     "deepseek_v3": ("deepseek_v3", "DeepseekV3MoE"),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2Moe"),
+    "deepseek_v2_group": ("deepseek_v2", "DeepseekV2Moe"),
 }
 
 FAMILIES = tuple(BLOCK_CLASSES)

@@ -18,7 +18,7 @@ from moe.integrations.transformers import HFMoEBlock, from_hf, patch
 # (batch, seq): 21 tokens (not a power of two) and a single token.
 SHAPES = [(3, 7), (1, 1)]
 
-ROUTER_STD = {"deepseek_v3": 0.15, "deepseek_v2": 0.3}  # sigmoid scores stay clear of fp32 ties at 1.0
+ROUTER_STD = {"deepseek_v3": 0.15}  # sigmoid scores stay clear of fp32 ties at 1.0
 
 
 @pytest.fixture(autouse=True)
@@ -270,8 +270,20 @@ def test_non_silu_experts_rejected() -> None:
         from_hf(block)
 
 
-def test_deepseek_v2_group_limited_greedy_rejected() -> None:
+def test_deepseek_v2_unknown_topk_method_rejected() -> None:
     config = tiny_config("deepseek_v2")
-    config.topk_method, config.n_group, config.topk_group = "group_limited_greedy", 4, 2
-    with pytest.raises(TypeError, match="topk_method='group_limited_greedy' is not supported"):
+    config.topk_method = "noaux_tc"
+    with pytest.raises(TypeError, match="topk_method='noaux_tc' is not supported; supported: 'greedy'"):
         from_hf(block_class("deepseek_v2")(config))
+
+
+def test_deepseek_v2_group_limit_matters() -> None:
+    """group_limited_greedy drops some tokens' plain top-k experts (groups scored by their max)."""
+    block = make_block("deepseek_v2_group")
+    layer = from_hf(block)
+    assert (layer.router.config.n_group, layer.router.config.group_score) == (4, "max")
+    x_TD = torch.randn(64, DIM)
+    plain = torch.softmax(x_TD @ block.gate.weight.t(), -1).topk(3, dim=-1).indices.sort(1).values
+    ours = layer.router(x_TD).expert_ids.sort(1).values
+    assert not torch.equal(ours, plain)
+    assert torch.equal(ours, block.gate(x_TD)[2].sort(1).values)

@@ -16,7 +16,15 @@ import moe
 from moe.integrations.transformers import HFMoEBlock, from_hf, patch
 
 # family -> MoE blocks expected in the 2-layer model (Qwen2-MoE and DeepSeek keep one dense layer).
-EXPECTED_BLOCKS = {"mixtral": 2, "qwen2_moe": 1, "qwen3_moe": 2, "olmoe": 2, "deepseek_v3": 1, "deepseek_v2": 1}
+EXPECTED_BLOCKS = {
+    "mixtral": 2,
+    "qwen2_moe": 1,
+    "qwen3_moe": 2,
+    "olmoe": 2,
+    "deepseek_v3": 1,
+    "deepseek_v2": 1,
+    "deepseek_v2_group": 1,
+}
 
 
 @pytest.fixture(autouse=True)

@@ -63,15 +63,20 @@ def _deepseek_v3_router(block: nn.Module) -> RouterConfig:
 
 
 def _deepseek_v2_router(block: nn.Module) -> RouterConfig:
+    # Softmax scores, top-k (optionally within the best groups by max score), no renormalisation,
+    # scaled. V2 has no bias, so bias updates are off.
     method = read_option(block, "topk_method", default="greedy")
-    if method != "greedy":
+    if method not in ("greedy", "group_limited_greedy"):
         raise TypeError(
-            f"{type(block).__name__} with topk_method={method!r} is not supported: only 'greedy' maps onto "
-            "moe routers (V2's group_limited_greedy scores groups by their max expert); use topk_method='greedy'"
+            f"{type(block).__name__} with topk_method={method!r} is not supported; "
+            "supported: 'greedy', 'group_limited_greedy'"
         )
-    # Softmax scores, plain top-k, no renormalisation, scaled; no bias, so no bias updates either.
+    limited = method == "group_limited_greedy"
     return AuxFreeConfig(
         score_func="softmax",
+        n_group=int(read_option(block, "num_group", "n_group")) if limited else 1,
+        topk_group=int(read_option(block, "topk_group")) if limited else 1,
+        group_score="max",
         routed_scaling_factor=float(read_option(block, "routed_scaling_factor")),
         norm_topk_prob=False,
         bias_update_rate=0.0,

@@ -5,7 +5,8 @@
 
 Supported blocks (transformers 5.x fused experts, and 4.57-style per-expert ModuleLists):
 Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, OLMoE, DeepSeek-V3 (aux-loss-free
-router, group-limited selection, ungated shared experts), DeepSeek-V2 (topk_method="greedy").
+router, group-limited selection, ungated shared experts), DeepSeek-V2 (softmax, greedy or
+group_limited_greedy).
 transformers itself is never imported: blocks are recognised by class name (moe.integrations.hf_families).
 
 Differences that remain, by design:

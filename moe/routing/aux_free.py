@@ -19,16 +19,22 @@ from moe.routing.base import Router, Routing
 from moe.routing.losses import sequence_balance_loss
 
 
-def group_limited_topk(choice_TE: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+def group_limited_topk(
+    choice_TE: torch.Tensor, top_k: int, n_group: int, topk_group: int, group_score: str = "top2_sum"
+) -> torch.Tensor:
     """ids [T, K] of the top-k experts of choice_TE within each token's best topk_group groups.
 
-    A group is scored by the sum of its top-2 choice scores; experts of dropped groups are
-    masked with -inf (not 0.0, which could still win against negative biased scores).
+    A group is scored by the sum of its top-2 choice scores ("top2_sum", DeepSeek-V3) or by its
+    best one ("max", DeepSeek-V2); experts of dropped groups are masked with -inf (not 0.0,
+    which could still win against negative biased scores).
     """
     if n_group > 1:
         num_tokens, num_experts = choice_TE.shape
         grouped = choice_TE.view(num_tokens, n_group, num_experts // n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        if group_score == "max":
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
         choice_TE = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
@@ -68,7 +74,7 @@ class AuxFreeRouter(Router):
         logits = x_TD.float() @ self.weight.float().t()
         scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else F.softmax(logits, dim=-1)
         choice = scores.detach() + self.e_score_correction_bias.float()
-        ids = group_limited_topk(choice, self.top_k, cfg.n_group, cfg.topk_group)
+        ids = group_limited_topk(choice, self.top_k, cfg.n_group, cfg.topk_group, cfg.group_score)
         weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
