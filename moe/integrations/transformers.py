@@ -18,6 +18,8 @@ Differences that remain, by design:
       router overrides) and moe.update_routers(model) for DeepSeek-V3's bias.
     - Mixtral's training jitter multiplies the expert input too in HF; ours scales the router input only.
     - DeepSeek-V3 on 4.57 masked dropped groups with 0.0 (a bug); we use -inf like 5.x.
+    - A patched model's state_dict uses our names (...mlp.moe.experts.w_in), so save_pretrained
+      output no longer loads into the unpatched HF class; there is no converter back yet.
 """
 
 from __future__ import annotations
