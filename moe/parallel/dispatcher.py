@@ -55,6 +55,10 @@ def transpose_segments(counts_SE: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(start_t, cnt_t) + within
 
 
+def _reorder(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return x if index is None else x.index_select(0, index)
+
+
 @dataclass
 class ChunkRoute:
     """Everything one chunk's exchange and combine need (plain ints: no device syncs later)."""
@@ -65,8 +69,8 @@ class ChunkRoute:
     replica_of: torch.Tensor | None  # [S] copy of each sent row (None: S = N in copy order)
     in_splits: list[int]  # [W] rows sent to each rank
     out_splits: list[int]  # [W] rows received from each rank
-    order: torch.Tensor  # [R] received (source, expert) order -> (expert, source)
-    inverse: torch.Tensor  # [R] inverse of order
+    order: torch.Tensor | None  # [R] received (source, expert) order -> (expert, source); None = same
+    inverse: torch.Tensor | None  # [R] inverse of order
     counts: torch.Tensor  # [E_b] rows per served expert
     split_matrix: torch.Tensor | None = None  # [W, W] for the hierarchical exchange
 
@@ -108,16 +112,14 @@ class ExpertParallelDispatcher:
     def plan_routes(self, routing: Routing, mode: int, chunks: int) -> list[ChunkRoute]:
         """Sorts each chunk's copies and exchanges the per-expert counts (one small collective)."""
         ids, weights = routing.expert_ids, routing.weights
-        bounds = [len(c) for c in torch.tensor_split(torch.arange(ids.shape[0]), chunks)]
+        total, extra = divmod(ids.shape[0], chunks)
+        bounds = [total + (c < extra) for c in range(chunks)]  # torch.tensor_split's sizes
         sorted_chunks, offset = [], 0
         for size in bounds:
             sorted_chunks.append(self._sort(ids[offset : offset + size], weights[offset : offset + size], offset))
             offset += size
         if mode == 0:
-            return [
-                ChunkRoute(tok, w, tok, None, [], [], torch.empty(0), torch.empty(0), counts)
-                for tok, w, counts in sorted_chunks
-            ]
+            return [ChunkRoute(tok, w, tok, None, [], [], None, None, counts) for tok, w, counts in sorted_chunks]
         w = self.world
         per_block = self.num_experts * mode // w
         member_block = torch.arange(w) // mode  # block of each rank
@@ -134,19 +136,25 @@ class ExpertParallelDispatcher:
         block_counts_CB = counts_CBE.sum(2)
         for c, (tok, wts, _) in enumerate(sorted_chunks):
             bc = block_counts_CB[c]
-            starts = torch.cumsum(bc, 0) - bc
-            sel = torch.cat([torch.arange(int(starts[b]), int(starts[b] + bc[b])) for b in member_block.tolist()])
+            sizes = bc[member_block]
+            sel = None
+            if mode > 1:  # each block's rows once per member: r replicas
+                starts = (torch.cumsum(bc, 0) - bc)[member_block]
+                within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+                sel = torch.repeat_interleave(starts, sizes) + within
             rc = recv_WCE[:, c]
-            order = transpose_segments(rc)
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel())
+            order = inverse = None
+            if per_block > 1:  # rows arrive (source, expert): regroup by expert
+                order = transpose_segments(rc)
+                inverse = torch.empty_like(order)
+                inverse[order] = torch.arange(order.numel())
             routes.append(
                 ChunkRoute(
                     tok,
                     wts,
-                    tok[sel],
-                    sel if mode > 1 else None,
-                    bc[member_block].tolist(),
+                    tok if sel is None else tok[sel],
+                    sel,
+                    sizes.tolist(),
                     rc.sum(1).tolist(),
                     order,
                     inverse,
@@ -179,14 +187,14 @@ class ExpertParallelDispatcher:
         x_sent = ops.permute(x_TD, route.send_token_idx, self.backend)
         if mode == 0:
             return x_sent, route.counts, ParallelHandle([route], x_TD.shape[0], mode)
-        x_recv = self._wait(self._start(x_sent, route, back=False))
-        return x_recv.index_select(0, route.order), route.counts, ParallelHandle([route], x_TD.shape[0], mode)
+        x_recv = _reorder(self._wait(self._start(x_sent, route, back=False)), route.order)
+        return x_recv, route.counts, ParallelHandle([route], x_TD.shape[0], mode)
 
     def combine(self, y_sorted: torch.Tensor, handle: ParallelHandle) -> torch.Tensor:
         """y_sorted [R, D] from dispatch's rows -> y_TD [T, D] (weighted sum in fp32)."""
         (route,) = handle.routes
         if handle.mode != 0:
-            y_sorted = self._wait(self._start(y_sorted.index_select(0, route.inverse), route, back=True))
+            y_sorted = self._wait(self._start(_reorder(y_sorted, route.inverse), route, back=True))
         return self._unpermute([y_sorted], handle.routes, handle.num_tokens)
 
     def _unpermute(self, ys: list[torch.Tensor], routes: list[ChunkRoute], num_tokens: int) -> torch.Tensor:
@@ -221,8 +229,8 @@ class ExpertParallelDispatcher:
             if mode == 0:
                 outs.append(experts(sent[c], route.counts, weights))
                 continue
-            x_recv = self._wait(started[c]).index_select(0, route.order)
-            y = experts(x_recv, route.counts, weights).index_select(0, route.inverse)
+            x_recv = _reorder(self._wait(started[c]), route.order)
+            y = _reorder(experts(x_recv, route.counts, weights), route.inverse)
             outs.append(self._start(y, route, back=True))
         ys = outs if mode == 0 else [self._wait(o) for o in outs]
         return self._unpermute(ys, routes, x_TD.shape[0]), shared

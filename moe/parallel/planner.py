@@ -143,6 +143,10 @@ class Planner:
         self._queue = [(p, r >= self.config.warmup) for r in range(rounds) for p in self.candidates]
         self._since_pick = 0
 
+    def queue_plans(self) -> list[Plan]:
+        """The plans still to run in the current exploration (empty when exploiting)."""
+        return [p for p, _ in self._queue]
+
     def choose(self) -> tuple[Plan, bool]:
         """(plan to run now, whether this call must be measured with record())."""
         self.step += 1
