@@ -157,6 +157,11 @@ class Planner:
             self.current = plan
             return plan, True  # warm-up runs are timed too, so every rank takes the same path
         self._since_pick += 1
+        if self._since_pick > self.config.recheck_every:  # same step count on every rank
+            self.reason = f"periodic re-check after {self.config.recheck_every} steps"
+            self._explore()
+            self.current = self._queue[0][0]
+            return self.current, True
         return self.current, self._since_pick % self.config.check_every == 0
 
     def record(self, plan: Plan, seconds: float, copies: int, load_E: torch.Tensor) -> None:
@@ -181,10 +186,7 @@ class Planner:
                 self._pick(n, imbalance)
             return
         self._add(plan, n, t)
-        if self._since_pick >= self.config.recheck_every:
-            self.reason = f"periodic re-check after {self._since_pick} steps"
-            self._explore()
-        elif self._shifted(n, imbalance):
+        if self._shifted(n, imbalance):
             assert self._ref is not None
             self.reason = (
                 f"token distribution shifted (copies/rank {self._ref[0]:.0f} -> {n:.0f}, "
