@@ -1,1 +1,51 @@
-"""Placeholder package; see README's feature table for its status."""
+"""Offloaded MoE inference: tiered expert store, cache policies, predictive prefetch, traces.
+
+    om = moe.offload.load("model_dir", "cuda", expert_cache_bytes=4 << 30, policy="predictive")
+    om.model.generate(...); print(om.runtime.stats.hit_rate)
+
+Importing this package loads no model and probes no device; transformers is imported by load() only.
+"""
+
+from moe.offload.cache import BudgetError, CacheStats, Residency
+from moe.offload.checkpoint import CheckpointError
+from moe.offload.cost import CostModel, measure
+from moe.offload.engine import CacheEngine
+from moe.offload.loader import OffloadedModel, load
+from moe.offload.policies import LFU, LRU, POLICIES, Belady, Policy, Predictive, make_policy
+from moe.offload.runtime import OffloadConfig, OffloadedExperts, OffloadRuntime
+from moe.offload.simulate import iid_hit_rate, shuffled, simulate
+from moe.offload.store import ExpertShape, ExpertStore
+from moe.offload.synthetic import SyntheticConfig, synthetic_trace
+from moe.offload.trace import Trace, TraceBuilder, TraceRecorder
+
+__all__ = [
+    "load",
+    "OffloadedModel",
+    "OffloadConfig",
+    "OffloadRuntime",
+    "OffloadedExperts",
+    "ExpertStore",
+    "ExpertShape",
+    "Residency",
+    "CacheEngine",
+    "CacheStats",
+    "BudgetError",
+    "CheckpointError",
+    "CostModel",
+    "measure",
+    "Policy",
+    "LRU",
+    "LFU",
+    "Predictive",
+    "Belady",
+    "POLICIES",
+    "make_policy",
+    "Trace",
+    "TraceBuilder",
+    "TraceRecorder",
+    "simulate",
+    "shuffled",
+    "iid_hit_rate",
+    "SyntheticConfig",
+    "synthetic_trace",
+]

@@ -1,0 +1,150 @@
+"""Which experts are resident on the device, under byte budgets (per layer or one global pool).
+
+Residency does bookkeeping only (the runtime attaches buffers through on_evict); the trace
+simulator uses the same class, so simulated and live hit rates follow the same rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moe.offload.policies import Key, Policy
+
+
+class BudgetError(ValueError):
+    """The cache cannot hold the expert even after evicting every unpinned resident."""
+
+
+@dataclass
+class CacheStats:
+    """Counters of one run.
+
+    requests: expert uses (one per (step, layer, expert) with tokens).
+    hits: requests served by a resident expert that was already there or prefetched.
+    prefetch_hits: the subset of hits whose expert a prefetch brought in.
+    copies: demand copies (misses copied to the device); prefetches: prefetch copies.
+    cpu_misses: misses computed where the expert lives (no copy).
+    wasted_prefetches: prefetched experts evicted before any use.
+    bytes_moved: bytes copied to the device (demand + prefetch).
+    """
+
+    requests: int = 0
+    hits: int = 0
+    prefetch_hits: int = 0
+    copies: int = 0
+    prefetches: int = 0
+    cpu_misses: int = 0
+    wasted_prefetches: int = 0
+    bytes_moved: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """1 - copies / requests: the fraction of requests that needed no transfer of their own.
+
+        Prefetches count as transfers, so this is what bounds bytes moved and what Belady's MIN
+        bounds from above for every policy, prefetching or not.
+        """
+        transfers = self.copies + self.prefetches + self.cpu_misses
+        return 1.0 - transfers / self.requests if self.requests else 0.0
+
+    @property
+    def ready_rate(self) -> float:
+        """Fraction of requests whose expert was on the device when asked for (no stall)."""
+        return self.hits / self.requests if self.requests else 0.0
+
+
+class Residency:
+    """Resident experts and their bytes, per budget pool.
+
+    Args:
+        budget_bytes: device bytes for experts in all.
+        policy: ranks residents for eviction.
+        num_layers: MoE layers (per-layer scope splits the budget evenly over them).
+        scope: "layer" (each layer has budget_bytes // num_layers) or "global" (one pool).
+        on_evict: called with each evicted key (the runtime frees its buffer there).
+    """
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        policy: Policy,
+        num_layers: int,
+        scope: str = "layer",
+        on_evict: Callable[[Key], None] | None = None,
+    ) -> None:
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.budget_bytes, self.policy, self.num_layers, self.scope = int(budget_bytes), policy, num_layers, scope
+        self.pool_budget = self.budget_bytes // num_layers if scope == "layer" else self.budget_bytes
+        self.on_evict = on_evict
+        self.size: dict[Key, int] = {}
+        self.used: dict[int, int] = {}  # pool -> bytes
+        self.pinned: set[Key] = set()
+        self.prefetched: set[Key] = set()  # resident, brought by prefetch, not used yet
+        self.peak_bytes = 0
+        self.stats = CacheStats()
+
+    def pool(self, key: Key) -> int:
+        return key[0] if self.scope == "layer" else 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.used.values())
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.size
+
+    def check_fits(self, nbytes: int, what: str) -> None:
+        if nbytes > self.pool_budget:
+            per = "per layer (budget / MoE layers)" if self.scope == "layer" else "in all"
+            raise BudgetError(
+                f"{what} needs {nbytes} bytes but the expert cache has {self.pool_budget} bytes {per}; "
+                f"raise the cache budget to at least {nbytes * (self.num_layers if self.scope == 'layer' else 1)} "
+                "bytes (one expert per layer)"
+            )
+
+    def make_room(self, key: Key, nbytes: int, floor: tuple[float, ...] | None = None) -> bool:
+        """Evicts unpinned residents of key's pool until nbytes fit.
+
+        Args:
+            floor: only evict residents the policy ranks below this (prefetches must not push
+                out experts the policy values more). None = evict whatever the policy picks.
+
+        Returns:
+            False (nothing evicted beyond what fits) when no permitted victim is left.
+        """
+        self.check_fits(nbytes, f"expert {key}")
+        pool = self.pool(key)
+        while self.used.get(pool, 0) + nbytes > self.pool_budget:
+            candidates = [k for k in self.size if self.pool(k) == pool and k not in self.pinned]
+            if not candidates:
+                return False
+            victim = self.policy.victim(candidates)
+            if floor is not None and self.policy.rank(victim) >= floor:
+                return False
+            self.evict(victim)
+        return True
+
+    def insert(self, key: Key, nbytes: int, prefetched: bool = False) -> None:
+        pool = self.pool(key)
+        if self.used.get(pool, 0) + nbytes > self.pool_budget:
+            raise BudgetError(f"insert of {key} would exceed the budget: call make_room first")
+        self.size[key] = nbytes
+        self.used[pool] = self.used.get(pool, 0) + nbytes
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        if prefetched:
+            self.prefetched.add(key)
+        self.policy.admit(key)
+
+    def evict(self, key: Key) -> None:
+        nbytes = self.size.pop(key)
+        self.used[self.pool(key)] -= nbytes
+        if key in self.prefetched:
+            self.prefetched.discard(key)
+            self.stats.wasted_prefetches += 1
+        self.policy.forget(key)
+        if self.on_evict is not None:
+            self.on_evict(key)

@@ -1,0 +1,147 @@
+"""One layer step of the expert cache: hits, misses, CPU misses and prefetches, in a fixed order.
+
+The live runtime and the trace simulator both drive CacheEngine.step, so a recorded run replays
+to the same counters. Order within a step (layer l, the experts its tokens chose):
+    1. the policy observes the router probabilities and is touched by every requested expert
+       (ascending id, so Belady can precompute positions);
+    2. requested experts are pinned; prefetched-but-unrequested experts of layer l are demoted;
+    3. prefetches for layers l+1..l+A start (predictive policy only), evicting only residents
+       the policy ranks below the prediction;
+    4. resident experts are computed, then misses one at a time (copy, or compute on the CPU);
+       an expert is unpinned once computed, so even a one-expert-per-layer cache streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from moe.offload.cache import Residency
+from moe.offload.policies import Key, Predictive
+
+Hook = Callable[[Key], None]
+
+
+def _noop(key: Key) -> None:
+    return None
+
+
+class CacheEngine:
+    """Drives a Residency through layer steps.
+
+    Args:
+        residency: budgets, residents, stats and the policy.
+        expert_bytes: bytes of one expert of a layer.
+        fetch: starts copying key to the device (runtime) or nothing (simulator).
+        max_prefetch: at most this many prefetches per predicted layer and step.
+    """
+
+    def __init__(
+        self,
+        residency: Residency,
+        expert_bytes: Callable[[int], int],
+        fetch: Hook = _noop,
+        max_prefetch: int | None = None,
+    ) -> None:
+        self.residency, self.expert_bytes, self.fetch = residency, expert_bytes, fetch
+        self.max_prefetch = max_prefetch
+        self.threshold: dict[int, float] = {}  # layer -> min confidence to prefetch (adapts to precision)
+        self.pending: dict[int, set[int]] = {}  # layer -> experts prefetched for its next step
+
+    def step(
+        self,
+        layer: int,
+        needed: list[int],
+        probs_E: torch.Tensor | None = None,
+        lookahead: list[tuple[int, torch.Tensor]] | None = None,
+        on_cpu: Callable[[Key], bool] | None = None,
+    ) -> Iterator[tuple[int, str]]:
+        """Yields (expert, "device" | "cpu") in compute order; resume the generator after computing each.
+
+        Args:
+            layer: MoE layer ordinal.
+            needed: experts with tokens at this step.
+            probs_E: [E] mean router probabilities of the step's tokens (predictive policy).
+            lookahead: (later layer, confidence [E]) predictions from that layer's router applied to
+                the current hidden state (moe.offload.predict.votes; 0 = not predicted).
+            on_cpu: decides per miss whether to compute where the expert lives instead of copying.
+        """
+        res, policy = self.residency, self.residency.policy
+        stats = res.stats
+        keys = [(layer, e) for e in sorted(needed)]
+        policy.observe(layer, probs_E)
+        for key in keys:
+            policy.touch(key)
+        stats.requests += len(keys)
+        self._correct(layer, set(needed))
+        res.pinned.update(keys)
+        if lookahead and isinstance(policy, Predictive):
+            for target, votes_E in lookahead:
+                self._prefetch(target, votes_E)
+        hits = [k for k in keys if k in res]
+        misses = [k for k in keys if k not in res]
+        try:
+            for key in hits:
+                stats.hits += 1
+                if key in res.prefetched:
+                    stats.prefetch_hits += 1
+                    res.prefetched.discard(key)
+                yield key[1], "device"
+                res.pinned.discard(key)
+            for key in misses:
+                if on_cpu is not None and on_cpu(key):
+                    stats.cpu_misses += 1
+                    yield key[1], "cpu"
+                else:
+                    nbytes = self.expert_bytes(layer)
+                    res.pinned.discard(key)
+                    if not res.make_room(key, nbytes):
+                        raise RuntimeError(f"no evictable expert for {key}: pinned {sorted(res.pinned)}")
+                    res.insert(key, nbytes)
+                    stats.copies += 1
+                    stats.bytes_moved += nbytes
+                    self.fetch(key)
+                    res.pinned.add(key)
+                    yield key[1], "device"
+                res.pinned.discard(key)
+        finally:
+            res.pinned.difference_update(keys)
+
+    def _correct(self, layer: int, used: set[int]) -> None:
+        """Misprediction feedback: demote unused prefetches; raise the layer's confidence threshold
+        when fewer than half of its prefetches were used, lower it when most were."""
+        prefetched = self.pending.pop(layer, None)
+        if not prefetched:
+            return
+        policy = self.residency.policy
+        for e in prefetched - used:
+            if (layer, e) in self.residency.prefetched and isinstance(policy, Predictive):
+                policy.demote((layer, e))
+        precision = len(prefetched & used) / len(prefetched)
+        thr = self.threshold.get(layer, 0.0)
+        self.threshold[layer] = thr * 1.2 + 0.005 if precision < 0.5 else thr * 0.9
+
+    def _prefetch(self, layer: int, votes_E: torch.Tensor) -> None:
+        res, policy = self.residency, self.residency.policy
+        assert isinstance(policy, Predictive)
+        votes = votes_E.float().cpu()
+        order = torch.argsort(votes, descending=True, stable=True).tolist()
+        thr = self.threshold.get(layer, 0.0)
+        candidates = [e for e in order if votes[e] > 0 and votes[e] >= thr]
+        if self.max_prefetch is not None:
+            candidates = candidates[: self.max_prefetch]
+        nbytes = self.expert_bytes(layer)
+        for e in candidates:
+            key = (layer, e)
+            if key in res or nbytes > res.pool_budget:
+                continue
+            # Evict only what the policy values less than this prediction (never a pinned expert).
+            floor = (1.0, float(votes[e]), float("inf"))
+            if not res.make_room(key, nbytes, floor=floor):
+                continue
+            res.insert(key, nbytes, prefetched=True)
+            self.pending.setdefault(layer, set()).add(e)
+            res.stats.prefetches += 1
+            res.stats.bytes_moved += nbytes
+            self.fetch(key)

@@ -1,0 +1,263 @@
+"""moe.offload.load: a transformers MoE checkpoint with attention/embeddings on the device and
+routed experts in a tiered store (never all resident).
+
+Steps: validate the shards (headers and sizes); build the HF model from config.json with every
+parameter on the meta device (buffers such as rotary tables are real); patch() its sparse MoE
+blocks into moe.MoE layers (still meta); swap each layer's experts for OffloadedExperts; load
+every non-expert tensor from the memory-mapped shards onto the device. Only safetensors and JSON
+are read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe.offload.checkpoint import CheckpointError, ExpertIndex, ShardReader, index_experts, shard_files
+from moe.offload.runtime import OffloadConfig, OffloadedExperts, OffloadRuntime
+from moe.offload.store import ExpertShape, ExpertStore
+
+
+@dataclass
+class OffloadedModel:
+    """What load() returns: the transformers model (generate() works) and the offload runtime."""
+
+    model: nn.Module
+    runtime: OffloadRuntime
+    model_dir: str
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every nn.Parameter registered inside goes to the meta device; buffers stay real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _layer_number(name: str) -> int:
+    parts = name.split(".")
+    for prev, part in zip(parts, parts[1:], strict=False):
+        if prev == "layers" and part.isdigit():
+            return int(part)
+    raise CheckpointError(f"cannot find a layer number in module name {name!r}")
+
+
+def _block_renames(block_name: str, spec: Any) -> dict[str, str]:
+    """HF parameter names inside a sparse MoE block -> names inside our HFMoEBlock wrapper."""
+    out = {"gate.weight": "moe.router.weight", "gate.e_score_correction_bias": "moe.router.e_score_correction_bias"}
+    if spec.shared_expert:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{spec.shared_expert}.{proj}.weight"] = f"moe.shared_experts.{proj}.weight"
+    if spec.shared_expert_gate:
+        out[f"{spec.shared_expert_gate}.weight"] = "moe.shared_expert_gate.weight"
+    return out
+
+
+def _map_names(idx: ExpertIndex, blocks: dict[int, tuple[str, Any]], model_keys: set[str]) -> dict[str, str]:
+    """Checkpoint name -> model state_dict name, for every non-expert tensor."""
+    mapping: dict[str, str] = {}
+    unknown = []
+    for name in idx.others:
+        target = name if name in model_keys else None
+        for layer, (block_name, spec) in blocks.items():
+            prefix = idx.prefixes.get(layer, block_name)
+            if name.startswith(prefix + "."):
+                inner = _block_renames(block_name, spec).get(name[len(prefix) + 1 :])
+                target = f"{block_name}.{inner}" if inner is not None else None
+                break
+        if target is None or target not in model_keys:
+            unknown.append(name)
+        else:
+            mapping[name] = target
+    if unknown:
+        raise CheckpointError(
+            f"config does not match weights: the checkpoint has {len(unknown)} tensors the model built from "
+            f"config.json has no place for, e.g. {sorted(unknown)[:4]}"
+        )
+    return mapping
+
+
+def _check_experts(idx: ExpertIndex, reader: ShardReader, layers: list[tuple[int, Any]]) -> None:
+    moe_layers = {number for number, _ in layers}
+    extra = sorted({layer for layer, _ in idx.experts} - moe_layers)
+    if extra:
+        raise CheckpointError(
+            f"config does not match weights: experts in checkpoint layers {extra}, which config.json makes dense"
+        )
+    for number, moe_layer in layers:
+        cfg = moe_layer.config
+        have = sorted(e for layer, e in idx.experts if layer == number)
+        if have != list(range(cfg.num_experts)):
+            raise CheckpointError(
+                f"config does not match weights: layer {number} has experts {have[:3]}..{have[-3:] if have else []} "
+                f"({len(have)}) in the checkpoint, config.json says {cfg.num_experts}"
+            )
+        d, i = reader.expert_shapes(idx.experts[(number, 0)])
+        if (d, i) != (cfg.dim, cfg.hidden_dim):
+            raise CheckpointError(
+                f"config does not match weights: layer {number} experts are [dim={d}, hidden={i}] in the checkpoint, "
+                f"config.json says [dim={cfg.dim}, hidden={cfg.hidden_dim}]"
+            )
+
+
+def load(
+    model_dir: str,
+    device: str | torch.device = "cpu",
+    expert_cache_bytes: int = 1 << 30,
+    policy: str = "lru",
+    *,
+    scope: str = "layer",
+    lookahead: int = 1,
+    miss: str = "auto",
+    ram_cache_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
+    record_trace: bool = True,
+    progress: bool = False,
+) -> OffloadedModel:
+    """Loads a transformers MoE model directory with its routed experts offloaded.
+
+    Args:
+        model_dir: directory with config.json and *.safetensors (+ index) as save_pretrained writes.
+        device: where attention, embeddings, routers, shared experts and the expert cache live.
+        expert_cache_bytes: device bytes for cached experts (with scope="layer", split evenly
+            over MoE layers; each layer needs room for at least one expert).
+        policy: "lru" | "lfu" | "predictive".
+        scope, lookahead, miss, ram_cache_bytes, record_trace: see OffloadConfig.
+        dtype: compute dtype (default: config.json's dtype, else float32).
+        progress: show a tqdm bar while loading.
+
+    Returns:
+        OffloadedModel(model, runtime, model_dir); model.generate(...) works as usual.
+
+    Raises:
+        CheckpointError (a ValueError): missing/truncated shard, no safetensors, or a config that
+            does not match the weights.
+        BudgetError (a ValueError): expert_cache_bytes cannot hold one expert per layer.
+        TypeError: the model has no supported sparse MoE block.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe.integrations.hf_families import SUPPORTED_BLOCKS, spec_for
+    from moe.integrations.transformers import patch
+
+    device = torch.device(device)
+    names = shard_files(model_dir)
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise CheckpointError(f"{model_dir!r} has no config.json")
+    config = AutoConfig.from_pretrained(model_dir)
+    if dtype is None:
+        cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = cfg_dtype if isinstance(cfg_dtype, torch.dtype) else torch.float32
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    blocks = {
+        _layer_number(n): (n, spec_for(m)) for n, m in model.named_modules() if type(m).__name__ in SUPPORTED_BLOCKS
+    }
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no supported sparse MoE block ({', '.join(SUPPORTED_BLOCKS)})")
+    for name, _ in blocks.values():  # block buffers (e.g. DeepSeek's bias) come from the checkpoint
+        for sub in model.get_submodule(name).modules():
+            for bname, buf in list(sub._buffers.items()):
+                if buf is not None:
+                    sub._buffers[bname] = buf.to("meta")
+    patch(model)
+    layers = sorted((number, model.get_submodule(name).moe) for number, (name, _) in blocks.items())
+
+    idx = index_experts(names)
+    checker = ShardReader()
+    _check_experts(idx, checker, layers)
+    shapes = {
+        o: ExpertShape(m.config.dim, m.config.hidden_dim, 2 * m.config.hidden_dim) for o, (_, m) in enumerate(layers)
+    }
+    numbers = [number for number, _ in layers]
+    shard_reader = ShardReader()  # used on the store's worker thread only
+
+    def read(key: tuple[int, int], out_flat: torch.Tensor) -> None:
+        shape = shapes[key[0]]
+        shard_reader.read_expert(idx.experts[(numbers[key[0]], key[1])], out_flat, shape.dim, shape.hidden)
+
+    store = ExpertStore(read, shapes, dtype, device, ram_cache_bytes)
+    oconfig = OffloadConfig(expert_cache_bytes, policy, scope, lookahead, miss, ram_cache_bytes, record_trace)
+    try:
+        runtime = OffloadRuntime(
+            store, oconfig, [m.router for _, m in layers], [m.config.num_experts for _, m in layers]
+        )
+    except Exception:
+        store.close()
+        raise
+    for ordinal, (_, moe_layer) in enumerate(layers):
+        c = moe_layer.config
+        moe_layer.experts = OffloadedExperts(runtime, ordinal, c.num_experts, c.dim, c.hidden_dim, dtype, device)
+
+    _load_dense(model, idx, blocks, checker, dtype, device, progress)
+    model.eval()
+    return OffloadedModel(model, runtime, model_dir)
+
+
+def _load_dense(
+    model: nn.Module,
+    idx: ExpertIndex,
+    blocks: dict[int, tuple[str, Any]],
+    reader: ShardReader,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Loads every non-expert tensor onto the device and checks nothing stays on meta."""
+    model_keys = set(model.state_dict().keys())
+    mapping = _map_names(idx, blocks, model_keys)
+    items = sorted(mapping.items())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="loading (experts stay offloaded)", unit="tensor")
+    state = {}
+    current = model.state_dict()
+    for ckpt_name, model_name in items:
+        value = reader.tensor((idx.others[ckpt_name], ckpt_name))
+        want = current[model_name]
+        if tuple(value.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"config does not match weights: {ckpt_name} is {tuple(value.shape)} in the checkpoint, "
+                f"the model built from config.json expects {tuple(want.shape)}"
+            )
+        keep_fp32 = model_name.endswith("e_score_correction_bias") or not value.is_floating_point()
+        state[model_name] = value.to(device=device, dtype=value.dtype if keep_fp32 else dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()  # type: ignore[operator]
+    if out_emb is not None and out_emb.weight.is_meta and getattr(model.config, "tie_word_embeddings", False):
+        out_emb.weight = in_emb.weight
+    for module_name, module in model.named_modules():
+        for bname, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            if buf.is_meta:
+                if bname in module._non_persistent_buffers_set:
+                    module._buffers[bname] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+                    continue
+                raise CheckpointError(f"config does not match weights: checkpoint lacks buffer {module_name}.{bname}")
+            module._buffers[bname] = buf.to(device)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(
+            f"config does not match weights: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:4]}"
+        )

@@ -1,0 +1,213 @@
+"""OffloadedExperts: a drop-in for moe.experts.Experts whose weights live in an ExpertStore.
+
+    layer.experts = OffloadedExperts(runtime, layer_ordinal, E, D, H)   # MoE.forward unchanged
+
+The shared OffloadRuntime owns the store, the device-tier Residency (budgets + policy), the
+copy-or-compute cost model, the lookahead routers and the routing trace of the run.
+
+Shape legend: N routed rows sorted by expert, D dim, H expert hidden, F = 2H, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe.experts import activate
+from moe.offload.cache import Residency
+from moe.offload.cost import CostModel
+from moe.offload.engine import CacheEngine
+from moe.offload.policies import Key, make_policy
+from moe.offload.predict import route, votes
+from moe.offload.store import ExpertStore
+from moe.offload.trace import Trace, TraceBuilder
+
+MISS_MODES = ("auto", "copy", "cpu")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How experts are cached.
+
+    Attributes:
+        expert_cache_bytes: device bytes for experts (per-layer scope: split evenly over MoE layers).
+        policy: "lru" | "lfu" | "predictive".
+        scope: "layer" (per-layer budgets) or "global" (one pool across layers).
+        lookahead: layers ahead the predictive policy prefetches (0 = eviction ranking only).
+        miss: "copy" (always copy a miss), "cpu" (compute every miss where it lives), or "auto"
+            (cost model per miss; on a CPU device the device is the CPU, so "auto" copies).
+        ram_cache_bytes: RAM tier budget (None = unlimited, 0 = stream from disk).
+        record_trace: keep the routing of every step (for Belady and replays).
+    """
+
+    expert_cache_bytes: int
+    policy: str = "lru"
+    scope: str = "layer"
+    lookahead: int = 1
+    miss: str = "auto"
+    ram_cache_bytes: int | None = None
+    record_trace: bool = True
+
+    def __post_init__(self) -> None:
+        if self.miss not in MISS_MODES:
+            raise ValueError(f"miss must be one of {MISS_MODES}, got {self.miss!r}")
+        if self.lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+        if self.expert_cache_bytes < 0:
+            raise ValueError(f"expert_cache_bytes must be >= 0, got {self.expert_cache_bytes}")
+
+
+class OffloadRuntime:
+    """Shared state of all OffloadedExperts of one model.
+
+    Args:
+        store: the tiered expert store.
+        config: OffloadConfig.
+        routers: router module of each MoE layer, in order (lookahead prefetch and predictive scores).
+        num_experts: E of each MoE layer.
+        activation: expert activation ("swiglu" or "gelu").
+        cost: measured speeds for miss="auto" on an accelerator (None: measured on first need).
+
+    Raises:
+        BudgetError: the budget cannot hold one expert (per layer with scope="layer").
+    """
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        config: OffloadConfig,
+        routers: list[nn.Module],
+        num_experts: list[int],
+        activation: str = "swiglu",
+        cost: CostModel | None = None,
+    ) -> None:
+        self.store, self.config, self.routers, self.num_experts = store, config, routers, num_experts
+        self.activation, self.cost = activation, cost
+        self.num_layers = len(routers)
+        self.residency = Residency(
+            config.expert_cache_bytes, make_policy(config.policy), self.num_layers, config.scope, store.drop
+        )
+        for layer in range(self.num_layers):
+            self.residency.check_fits(store.expert_bytes(layer), f"one expert of MoE layer {layer}")
+        self.engine = CacheEngine(self.residency, store.expert_bytes, fetch=self._fetch)
+        self.predicts = self.residency.policy.prefetches
+        self.trace = TraceBuilder(self.num_layers, max(num_experts), config.lookahead if self.predicts else 0)
+        self.cpu_rows = 0
+
+    @property
+    def stats(self):  # noqa: ANN201 - CacheStats
+        return self.residency.stats
+
+    def _fetch(self, key: Key) -> None:
+        self.store.fetch(key)
+
+    def _on_cpu(self, rows_E: list[int], device: torch.device, act_bytes: int) -> object:
+        mode = self.config.miss
+        if mode == "cpu":
+            return lambda key: True
+        if mode == "copy" or device.type == "cpu":
+            return lambda key: False
+        if self.cost is None:
+            from moe.offload.cost import measure
+
+            self.cost = measure(device)
+        cost = self.cost
+
+        def decide(key: Key) -> bool:
+            shape = self.store.shapes[key[0]]
+            flops = 2 * (shape.dim * shape.width + shape.hidden * shape.dim)
+            return cost.compute_on_cpu(self.store.expert_bytes(key[0]), rows_E[key[1]], flops, shape.dim * act_bytes)
+
+        return decide
+
+    def _predict(self, layer: int, x_TD: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
+        if not self.predicts or x_TD.shape[0] == 0:
+            return None, []
+        own = route(self.routers[layer], x_TD)
+        probs = own[0].mean(0).cpu() if own is not None else None
+        ahead = []
+        for j in range(1, self.config.lookahead + 1):
+            target = layer + j
+            if target >= self.num_layers:
+                break
+            pred = route(self.routers[target], x_TD)
+            if pred is not None:
+                ahead.append((target, votes(*pred)))
+        return probs, ahead
+
+    @torch.no_grad()
+    def run_layer(self, layer: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Experts of `layer` on rows sorted by expert; same contract as Experts.forward."""
+        counts = [int(c) for c in counts_E.tolist()]
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        y_ND = x_ND.new_zeros(x_ND.shape)
+        needed = [e for e, c in enumerate(counts) if c > 0]
+        probs, ahead = self._predict(layer, x_ND[: starts[-1]])
+        if self.config.record_trace:
+            self.trace.add(layer, needed, probs, ahead)
+        on_cpu = self._on_cpu(counts, x_ND.device, x_ND.element_size())
+        for e, where in self.engine.step(layer, needed, probs, ahead, on_cpu):  # type: ignore[arg-type]
+            rows = slice(starts[e], starts[e + 1])
+            if where == "device":
+                w_in, w_out = self.store.ready((layer, e))
+                y_ND[rows] = self._mlp(x_ND[rows], w_in, w_out)
+            else:
+                w_in, w_out = self.store.shapes[layer].views(self.store.host((layer, e)))
+                self.cpu_rows += counts[e]
+                y_ND[rows] = self._mlp(x_ND[rows].cpu(), w_in, w_out).to(x_ND.device)
+        return y_ND
+
+    def _mlp(self, x_ND: torch.Tensor, w_in_DF: torch.Tensor, w_out_HD: torch.Tensor) -> torch.Tensor:
+        h = x_ND @ w_in_DF.to(x_ND.dtype)
+        return activate(h, self.activation) @ w_out_HD.to(x_ND.dtype)
+
+    def recorded_trace(self) -> Trace:
+        """The routing of every step so far, as a Trace (replay it with moe.offload.simulate)."""
+        return self.trace.build(expert_bytes=self.store.expert_bytes(0))
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class OffloadedExperts(nn.Module):
+    """Experts whose weights stay in the runtime's store; forward(x_sorted, counts) -> y_sorted.
+
+    `w_in` / `w_out` are zero-stride stand-ins with the right shape, dtype and device (MoE checks
+    the input against them); the real weights are only ever in the store's tiers.
+    """
+
+    def __init__(
+        self,
+        runtime: OffloadRuntime,
+        layer: int,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.runtime, self.layer = runtime, layer
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.width = 2 * hidden_dim if runtime.activation == "swiglu" else hidden_dim
+        self.register_buffer("anchor", torch.zeros(1, 1, 1, dtype=dtype, device=device), persistent=False)
+
+    anchor: torch.Tensor
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        return self.anchor.expand(self.num_experts, self.dim, self.width)
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        return self.anchor.expand(self.num_experts, self.hidden_dim, self.dim)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return self.runtime.run_layer(self.layer, x_ND, counts_E)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"

@@ -1,0 +1,154 @@
+"""Tiered expert store: safetensors on disk (mmap) -> CPU RAM (pinned with CUDA) -> device cache.
+
+Each expert is one coalesced flat buffer [w_in (D x F) | w_out (H x D)], so a tier change is a
+single transfer. All disk reads and RAM-tier bookkeeping run on one worker thread; on CUDA the
+host -> device copies run on a separate copy stream, so both overlap compute.
+
+Shape legend: D model dim, H expert hidden dim, F = 2H (SwiGLU).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """Shapes of one expert: w_in [dim, width], w_out [hidden, dim]."""
+
+    dim: int
+    hidden: int
+    width: int
+
+    @property
+    def numel(self) -> int:
+        return self.dim * self.width + self.hidden * self.dim
+
+    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_in [D, F], w_out [H, D]) views of a coalesced buffer."""
+        n_in = self.dim * self.width
+        return flat[:n_in].view(self.dim, self.width), flat[n_in : self.numel].view(self.hidden, self.dim)
+
+
+# reader(key, out_flat): fills a host buffer with the expert's coalesced weights.
+Reader = Callable[[Key, torch.Tensor], None]
+
+
+@dataclass
+class DeviceEntry:
+    """A device-resident expert: its buffer and what signals that its copy finished."""
+
+    flat: torch.Tensor
+    future: Future[None] | None = None
+    event: torch.cuda.Event | None = None
+
+
+class ExpertStore:
+    """Moves experts between disk, a RAM tier and the device.
+
+    Args:
+        reader: fills a host buffer for a key (disk tier; e.g. moe.offload.checkpoint reads).
+        shapes: expert shape per layer.
+        dtype: dtype of the stored buffers.
+        device: compute device; the device tier lives there.
+        ram_cache_bytes: RAM tier budget (None = keep every expert read; 0 = stream from disk).
+    """
+
+    def __init__(
+        self,
+        reader: Reader,
+        shapes: dict[int, ExpertShape],
+        dtype: torch.dtype,
+        device: torch.device,
+        ram_cache_bytes: int | None = None,
+    ) -> None:
+        self.reader, self.shapes, self.dtype, self.device = reader, shapes, dtype, torch.device(device)
+        self.ram_cache_bytes = ram_cache_bytes
+        self.pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self.copy_stream = torch.cuda.Stream(self.device) if self.pin else None
+        self.ram: OrderedDict[Key, torch.Tensor] = OrderedDict()  # worker thread only
+        self.ram_bytes = 0
+        self.device_entries: dict[Key, DeviceEntry] = {}
+        self.disk_reads = 0
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload")
+
+    def expert_bytes(self, layer: int) -> int:
+        return self.shapes[layer].numel * torch.empty((), dtype=self.dtype).element_size()
+
+    # ---- RAM tier (worker thread) ----
+    def _host(self, key: Key) -> torch.Tensor:
+        buf = self.ram.get(key)
+        if buf is not None:
+            self.ram.move_to_end(key)
+            return buf
+        buf = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, pin_memory=self.pin)
+        self.reader(key, buf)
+        with self._lock:
+            self.disk_reads += 1
+        nbytes = buf.numel() * buf.element_size()
+        if self.ram_cache_bytes is None or nbytes <= self.ram_cache_bytes:
+            self.ram[key] = buf
+            self.ram_bytes += nbytes
+            while self.ram_cache_bytes is not None and self.ram_bytes > self.ram_cache_bytes:
+                _, old = self.ram.popitem(last=False)
+                self.ram_bytes -= old.numel() * old.element_size()
+        return buf
+
+    def host(self, key: Key) -> torch.Tensor:
+        """The expert's coalesced buffer in RAM (read from disk if needed); blocks."""
+        return self._worker.submit(self._host, key).result()
+
+    # ---- device tier ----
+    def fetch(self, key: Key) -> DeviceEntry:
+        """Starts an asynchronous copy of key to the device; returns its entry at once."""
+        flat = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, device=self.device)
+        entry = DeviceEntry(flat)
+        if self.copy_stream is not None:
+            flat.record_stream(self.copy_stream)
+            entry.event = torch.cuda.Event()
+            stream, event = self.copy_stream, entry.event
+
+            def copy_cuda() -> None:
+                host = self._host(key)
+                with torch.cuda.stream(stream):
+                    flat.copy_(host, non_blocking=True)
+                    event.record(stream)
+
+            entry.future = self._worker.submit(copy_cuda)
+        else:
+
+            def copy_cpu() -> None:
+                flat.copy_(self._host(key))
+
+            entry.future = self._worker.submit(copy_cpu)
+        self.device_entries[key] = entry
+        return entry
+
+    def ready(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waits for key's copy (the compute stream waits on CUDA) and returns (w_in, w_out) on the device."""
+        entry = self.device_entries[key]
+        if entry.future is not None:
+            entry.future.result()
+            entry.future = None
+        if entry.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(entry.event)
+            entry.event = None
+        return self.shapes[key[0]].views(entry.flat)
+
+    def drop(self, key: Key) -> None:
+        """Frees key's device buffer (after its copy finished)."""
+        entry = self.device_entries.pop(key)
+        if entry.future is not None:
+            entry.future.result()
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
