@@ -5,6 +5,8 @@
 Per message size (bytes each rank sends in one exchange) and variant:
     raw          dist.all_to_all_single, equal splits
     hier         moe.parallel.hierarchical_all_to_all, local_size = W / 2 (needs W >= 4)
+    ep_a2a       our exchanges alone (count exchange + the two all_to_all_single of dispatch and
+                 combine through the autograd wrapper): the communication part of `ep`
     ep           ExpertParallelDispatcher dispatch + combine (mode ep, d = 1, identity experts):
                  sort, permute, count exchange, two all-to-alls, unpermute
     ep_pipe4     the same pipelined in 4 chunks (ExpertParallelDispatcher.run, chunks=4)
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.parallel import ExpertParallelDispatcher, hierarchical_all_to_all
+from moe.parallel import ExpertParallelDispatcher, all_to_all, hierarchical_all_to_all
+from moe.parallel.comm import exchange_counts
 from moe.routing.base import Routing
 
 
@@ -71,6 +74,15 @@ def _variants(
     variants: dict[str, tuple[Callable[[], Any], int]] = {"raw": (raw, 1)}
     if world >= 4 and world % 2 == 0:
         variants["hier"] = (lambda: hierarchical_all_to_all(x, splits, world // 2), 1)
+    even = [x.shape[0] // world] * world
+
+    def ep_a2a() -> None:  # our exchanges alone: count exchange + dispatch and combine all-to-alls
+        with torch.no_grad():
+            exchange_counts(torch.ones(world, 1, dtype=torch.int64))
+            back = all_to_all(all_to_all(x, even, even), even, even)
+            del back
+
+    variants["ep_a2a"] = (ep_a2a, 2)
     variants["ep"] = (ep(1), 2)
     variants["ep_pipe4"] = (ep(4), 2)
     return variants

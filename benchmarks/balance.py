@@ -82,8 +82,23 @@ def run_benchmark(
     data: ByteData,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """All (seed, router) runs, routers interleaved within each seed so machine noise is shared."""
-    return [run_one(spec, seed, model_cfg, train_cfg, data, progress) for seed in seeds for spec in specs]
+    """All (seed, router) runs, routers interleaved within each seed so machine noise is shared.
+
+    Each finished run is printed at once, so a cut-short run still leaves its rows.
+    """
+    rows = []
+    for seed in seeds:
+        for spec in specs:
+            row = run_one(spec, seed, model_cfg, train_cfg, data, progress)
+            if progress:
+                print(
+                    f"  {row['router']} seed {seed}: held-out loss {row['heldout_loss']:.4f}, "
+                    f"MaxVio {row['max_vio']:.3f} (held-out {row['heldout_max_vio']:.3f}), "
+                    f"{row['ms_per_step']:.0f} ms/step",
+                    flush=True,
+                )
+            rows.append(row)
+    return rows
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -174,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--csv", action="store_true", help="write bench_out/balance.csv")
     p.add_argument("--png", action="store_true", help="write bench_out/balance.png (MaxVio curves)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars and no per-run lines")
     return p.parse_args(argv)
 
 

@@ -37,7 +37,7 @@ from moe.routing.topk import TopKRouter
 
 RouterName = Literal["topk", "dynmole"]
 Compute = Literal["auto", "dense", "grouped"]
-DENSE_MAX_COLUMNS = 256
+DENSE_MAX_COLUMNS = 512
 
 
 def lora_experts_dense(
