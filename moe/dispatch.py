@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moe import ops
+from moe.ops import triton as ops_triton
 from moe.routing.base import Routing
 
 
@@ -36,6 +37,12 @@ class LocalDispatcher:
         self.num_experts, self.backend = num_experts, backend
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
+        counts, handle = self.route(routing, x_TD.shape[0])
+        x_sorted = ops.permute(x_TD, handle.token_idx, self.backend)
+        return x_sorted, counts, handle
+
+    def route(self, routing: Routing, num_tokens: int) -> tuple[torch.Tensor, DispatchHandle]:
+        """The sort half of dispatch, no gather: (counts [E], handle with token_idx [N] and weights [N])."""
         ids = routing.expert_ids
         k = ids.shape[1]
         order, counts = ops.sort_by_expert(ids.reshape(-1), self.num_experts, self.backend)
@@ -43,8 +50,20 @@ class LocalDispatcher:
         token_idx = order // k
         routed = torch.arange(order.shape[0], device=order.device) < counts.sum()
         weights = torch.where(routed, routing.weights.reshape(-1)[order], 0.0)
-        x_sorted = ops.permute(x_TD, token_idx, self.backend)
-        return x_sorted, counts, DispatchHandle(token_idx, weights, x_TD.shape[0])
+        return counts, DispatchHandle(token_idx, weights, num_tokens)
+
+    def fused(self, device: torch.device) -> bool:
+        """Whether the experts gather and weight rows inside their GEMMs on `device` (backend triton).
+
+        Then the layer calls route -> Experts.forward_fused -> combine_weighted instead of
+        dispatch -> Experts.forward -> combine.
+        """
+        return ops_triton.uses_triton(self.backend, device)
+
+    def combine_weighted(self, y_weighted: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Sums rows already multiplied by their gate weights into tokens (fp32): y_TD [T, D]."""
+        ones = torch.ones_like(handle.weights)
+        return ops.unpermute(y_weighted, handle.token_idx, ones, handle.num_tokens, self.backend)
 
     def combine(self, y_sorted: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         return ops.unpermute(y_sorted, handle.token_idx, handle.weights, handle.num_tokens, self.backend)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe import ops
+from moe.ops import triton as ops_triton
 
 
 def activate(h_NF: torch.Tensor, activation: str) -> torch.Tensor:
@@ -50,6 +51,24 @@ class Experts(nn.Module):
         w_out: torch.Tensor = self.w_out.to(x_ND.dtype)
         h = ops.grouped_mm(x_ND, w_in, counts_E, self.backend)
         return ops.grouped_mm(activate(h, self.activation), w_out, counts_E, self.backend)
+
+    def forward_fused(
+        self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, counts_E: torch.Tensor, weights_N: torch.Tensor
+    ) -> torch.Tensor:
+        """weights_N * expert(x_TD[token_idx_N]) with the gather and the weighting inside the GEMMs.
+
+        Args:
+            x_TD: [T, D] tokens (not sorted: row j of the result reads token token_idx_N[j]).
+            token_idx_N: [N] int64, rows sorted by expert.
+            counts_E: [E] int64 rows per expert.
+            weights_N: [N] gate weight per row (0 for dropped copies).
+
+        Returns:
+            [N, D] weighted rows; rows past counts.sum() are 0. Sum them into tokens unweighted.
+        """
+        w_in: torch.Tensor = self.w_in.to(x_TD.dtype)
+        w_out: torch.Tensor = self.w_out.to(x_TD.dtype)
+        return ops_triton.expert_mlp(x_TD, w_in, w_out, counts_E, token_idx_N, weights_N, self.activation)
 
 
 class MLP(nn.Module):

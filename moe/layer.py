@@ -219,9 +219,14 @@ class MoE(nn.Module):
         if self.parallel is not None:  # dispatch/experts/combine across ranks, shared experts overlapped
             self.aux_losses = routing.aux_losses
             return self.parallel(x_TD, routing, self.experts, self._shared_output).to(in_dtype).view(shape)
-        x_sorted, counts, handle = self.dispatcher.dispatch(x_TD, routing)
-        y_sorted = self.experts(x_sorted, counts)
-        y_TD = self.dispatcher.combine(y_sorted, handle)
+        if self.dispatcher.fused(x_TD.device):  # Triton: gather and gate weighting fused into the GEMMs
+            counts, handle = self.dispatcher.route(routing, x_TD.shape[0])
+            y_sorted = self.experts.forward_fused(x_TD, handle.token_idx, counts, handle.weights)
+            y_TD = self.dispatcher.combine_weighted(y_sorted, handle)
+        else:
+            x_sorted, counts, handle = self.dispatcher.dispatch(x_TD, routing)
+            y_sorted = self.experts(x_sorted, counts)
+            y_TD = self.dispatcher.combine(y_sorted, handle)
         if self.shared_experts is not None:
             shared = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
