@@ -243,6 +243,15 @@ class MoE(nn.Module):
             shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
         return shared
 
+    def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
+        """Called by DeepSpeed's engine on every module that has it: refuses unprepared expert-parallel layers."""
+        if self.parallel is not None:  # the engine would all-reduce and broadcast our sharded experts as dense
+            raise ValueError(
+                "an expert-parallel moe.MoE (process_group=...) was passed to deepspeed.initialize unprepared: "
+                "DeepSpeed would merge the experts of different ranks; build it without process_group and call "
+                "moe.integrations.deepspeed.prepare(model, ep_size=...) first"
+            )
+
     def extra_repr(self) -> str:
         c = self.config
         return (

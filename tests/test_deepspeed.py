@@ -1,0 +1,240 @@
+"""DeepSpeed plugin on 2 gloo ranks (CPU): ZeRO 0/1/2 with ep_size 2 vs one process, checkpoints, guards.
+
+All scenarios run inside ONE pair of spawned ranks (importing DeepSpeed + torch._dynamo costs
+~10 s per process); each scenario's outcome is written to a file and asserted by its own test.
+DeepSpeed's shared-memory CPU op is never JIT-built (moe_ds.skip_cpu_comm_build()).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import moe
+
+deepspeed = pytest.importorskip("deepspeed")
+
+pytestmark = pytest.mark.distributed
+
+WORLD, D, H, E, K = 2, 6, 8, 4, 2
+BATCH = 3  # sequences per rank
+SEQ = 4
+STEPS = 2
+LR = 0.05
+
+
+class Net(nn.Module):
+    """in-proj -> MoE (shared expert, gated) -> out-proj (fp32: DeepSpeed reduces no fp64 grads)."""
+
+    def __init__(self, seed: int, **moe_kw: Any) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(D, D)
+        self.moe = moe.MoE(D, H, E, K, num_shared_experts=1, shared_expert_gate=True, aux_loss_coef=0.0, **moe_kw)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.moe(torch.tanh(self.inp(x))))
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of a step: [WORLD * BATCH, SEQ, D] inputs and targets."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(
+        WORLD * BATCH,
+        SEQ,
+        D,
+        generator=g,
+    )
+    return x, torch.randn(x.shape, generator=g)
+
+
+def _config(stage: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": BATCH,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "Adam", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+
+
+def _reference(steps: int) -> tuple[list[float], Net]:
+    """The same model and data in one process, torch.optim.AdamW: losses and final weights."""
+    net = Net(0)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        x, t = _data(step)
+        loss = (net(x) - t).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, net
+
+
+def _train_step(engine: Any, rank: int, step: int) -> float:
+    x, t = _data(step)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    loss = (engine(x[mine]) - t[mine]).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / WORLD
+
+
+def _check_weights(engine: Any, ref: Net, tol: dict[str, float]) -> None:
+    layer = engine.module.moe
+    first, count = layer.experts.stored.first_expert, layer.experts.stored.num_experts
+    for (name, p), q in zip(engine.module.named_parameters(), ref.parameters(), strict=True):
+        want = q.detach()[first : first + count] if name.startswith("moe.experts.") else q.detach()
+        torch.testing.assert_close(p.detach(), want, **tol, msg=name)
+
+
+def _engine(moe_ds: Any, stage: int, seed: int = 0, ep_size: int = 2) -> Any:
+    engine, _, _, _ = moe_ds.initialize(Net(seed), _config(stage), ep_size=ep_size, plan="ep")
+    return engine
+
+
+# --- scenarios (run on every rank) ---------------------------------------------------------------
+
+
+def zero_matches_single_process(rank: int, moe_ds: Any, tmp: Path) -> None:
+    ref_losses, ref = _reference(STEPS)
+    for stage in (0, 1, 2):
+        engine = _engine(moe_ds, stage)
+        assert engine.has_moe_layers and isinstance(engine.module.moe, deepspeed.moe.layer.MoE)
+        losses = [_train_step(engine, rank, s) for s in range(STEPS)]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
+        _check_weights(engine, ref, dict(rtol=1e-4, atol=1e-5))
+
+
+def checkpoint_resumes_exactly(rank: int, moe_ds: Any, tmp: Path) -> None:
+    for stage in (0, 2):
+        a = _engine(moe_ds, stage)
+        for s in range(STEPS):
+            _train_step(a, rank, s)
+        a.save_checkpoint(str(tmp / f"ck{stage}"), tag="t")
+        b = _engine(moe_ds, stage, seed=7)  # different initial weights
+        path, _ = b.load_checkpoint(str(tmp / f"ck{stage}"), tag="t")
+        assert path is not None
+        assert b.global_steps == a.global_steps
+        la, lb = _train_step(a, rank, STEPS), _train_step(b, rank, STEPS)
+        assert la == lb, (la, lb)
+        for (name, p), q in zip(a.module.named_parameters(), b.module.parameters(), strict=True):
+            assert torch.equal(p, q), name
+
+
+def checkpoint_other_ep_size_and_export(rank: int, moe_ds: Any, tmp: Path) -> None:
+    a = _engine(moe_ds, 2)
+    _train_step(a, rank, 0)
+    a.save_checkpoint(str(tmp / "ep2"), tag="t")
+    names = sorted(os.listdir(tmp / "ep2" / "t"))
+    assert [n for n in names if n.startswith("layer_0_expert_")] == [
+        f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(E)
+    ]
+    x, _ = _data(5)
+    with torch.no_grad():
+        want = a(x)  # every rank runs the whole batch
+    # ep_size 1: every rank holds all 4 experts; module weights come from the per-expert files.
+    c = _engine(moe_ds, 2, seed=3, ep_size=1)
+    c.load_checkpoint(str(tmp / "ep2"), tag="t", load_optimizer_states=False, load_module_only=True)
+    assert c.module.moe.experts.w_in.shape[0] == E
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-6)
+    # export: plain safetensors by global expert id, loads into a model that never saw DeepSpeed.
+    moe_ds.export_safetensors(a, tmp / "model.safetensors")
+    plain = Net(5)
+    moe.parallel.load_checkpoint(plain, tmp / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-6)
+    moe_ds.load_safetensors(c, tmp / "model.safetensors")  # and back into an engine at ep_size 1
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-6)
+
+
+def unprepared_is_refused(rank: int, moe_ds: Any, tmp: Path) -> None:
+    ep_group = dist.new_group([0, 1])
+    sharded = Net(0, process_group=ep_group)  # expert-parallel but never prepared
+    with pytest.raises(ValueError, match="prepare"):
+        deepspeed.initialize(model=sharded, config=_config(2), model_parameters=list(sharded.parameters()))
+    plain = Net(0)  # plain layers: the engine sees a dense model; the guard says so
+    engine, _, _, _ = deepspeed.initialize(model=plain, config=_config(1), model_parameters=list(plain.parameters()))
+    with pytest.raises(ValueError, match="not prepared"):
+        moe_ds.check(engine)
+    with pytest.raises(ValueError, match="ZeRO stage 3.*stage 1 or 2"):
+        moe_ds.initialize(Net(0), _config(3), ep_size=2)
+    merged = _engine(moe_ds, 1)
+    with torch.no_grad():  # what an unmarked layer suffers: rank 0's experts copied onto rank 1
+        for p in (merged.module.moe.experts.w_in, merged.module.moe.experts.w_out):
+            dist.broadcast(p, src=0)
+    with pytest.raises(ValueError, match="identical expert weights"):
+        moe_ds.check(merged)
+
+
+SCENARIOS: list[Callable[[int, Any, Path], None]] = [
+    zero_matches_single_process,
+    checkpoint_resumes_exactly,
+    checkpoint_other_ep_size_and_export,
+    unprepared_is_refused,
+]
+
+
+def _rank_main(rank: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
+    from moe.integrations import deepspeed as moe_ds
+
+    moe_ds.skip_cpu_comm_build()
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=90))
+    results = {}
+    for scenario in SCENARIOS:
+        try:
+            scenario(rank, moe_ds, Path(tmp))
+            results[scenario.__name__] = "ok"
+        except Exception:  # recorded, asserted by the test of that scenario
+            results[scenario.__name__] = traceback.format_exc()
+        dist.barrier()
+    Path(tmp, f"results{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_rank_main, args=(port, str(tmp)), nprocs=WORLD, join=True)
+    return [json.loads(Path(tmp, f"results{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS])
+def test_deepspeed(results: list[dict[str, str]], scenario: str) -> None:
+    for rank, res in enumerate(results):
+        assert res[scenario] == "ok", f"rank {rank}:\n{res[scenario]}"
+
+
+def test_import_moe_without_deepspeed_import() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, moe; assert 'deepspeed' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
