@@ -31,7 +31,9 @@ def extensions() -> tuple[list, dict]:
         ext = cpp_extension.CUDAExtension(
             "moe._C",
             cpp + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DMOE_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            # No -std / -arch for nvcc: torch adds the standard its headers need, and the archs come
+            # from TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"; unset: torch's choice for the visible GPU).
+            extra_compile_args={"cxx": cxx + ["-DMOE_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:
