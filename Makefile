@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 
 # --system-site-packages keeps an already installed (e.g. CUDA) torch; torch is installed only
 # when the venv cannot import one, and before anything else so nothing pulls a CUDA build.
-$(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	test -x $(PYTHON) || $(PY) -m venv --system-site-packages $(VENV)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q -r requirements-dev.txt
@@ -33,6 +33,11 @@ lint: venv
 
 bench: venv
 	$(PYTHON) benchmarks/balance.py
+
+# On a GPU machine (CUDA torch + nvcc, no registry needed): build the CUDA extension, run the
+# CUDA tests and the GPU benchmarks; logs and tables go to bench_out/gpu.
+gpu:
+	bash .ci/gpu.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info moe/_C*.so
