@@ -186,7 +186,53 @@ def unprepared_is_refused(rank: int, moe_ds: Any, tmp: Path) -> None:
         moe_ds.check(merged)
 
 
+class NativeNet(nn.Module):
+    """The migration case: a model built on deepspeed.moe.layer.MoE (tuple output, l_aux)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from deepspeed.moe.layer import MoE as DSMoE
+
+        torch.manual_seed(0)
+        self.inp = nn.Linear(D, D)
+        expert = nn.Sequential(nn.Linear(D, H, bias=False), nn.GELU(), nn.Linear(H, D, bias=False))
+        self.moe = DSMoE(
+            D, expert, num_experts=E, k=2, drop_tokens=False, min_capacity=0, top2_2nd_expert_sampling=False
+        )
+        with torch.no_grad():
+            for p in self.moe.deepspeed_moe.experts.parameters():
+                p.normal_(0, 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, l_aux, _ = self.moe(torch.tanh(self.inp(x)))
+        return y + 0.0 * l_aux
+
+
+def converted_deepspeed_model_trains(rank: int, moe_ds: Any, tmp: Path) -> None:
+    from moe.integrations.deepspeed_convert import convert
+
+    ref = NativeNet()  # DeepSpeed's own layer, one process, the whole batch
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+    ref_losses = []
+    for step in range(STEPS):
+        x, t = _data(step)
+        loss = (ref(x) - t).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+    model = NativeNet()
+    assert convert(model) == 1
+    engine, _, _, _ = moe_ds.initialize(model, _config(2), ep_size=2, plan="ep")
+    losses = [_train_step(engine, rank, s) for s in range(STEPS)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.module.inp.weight, ref.inp.weight, **tol)
+    torch.testing.assert_close(engine.module.moe.router.weight, ref.moe.deepspeed_moe.gate.wg.weight, **tol)
+
+
 SCENARIOS: list[Callable[[int, Any, Path], None]] = [
+    converted_deepspeed_model_trains,
     zero_matches_single_process,
     checkpoint_resumes_exactly,
     checkpoint_other_ep_size_and_export,
