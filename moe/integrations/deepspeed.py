@@ -364,7 +364,7 @@ def _check_distinct(name: str, layer: DeepSpeedMoE) -> None:
     if firsts != [r * layer.num_local_experts for r in range(world)]:
         raise ValueError(f"{name}: expert-parallel ranks hold experts starting at {firsts}, not a partition")
     fingerprints = {(float(t[2]), float(t[3])) for t in everyone}
-    if len(fingerprints) < world:
+    if len(fingerprints) < world and all(float(t[3]) > 0 for t in everyone):  # all-zero experts are alike anyway
         raise ValueError(
             f"{name}: ranks of the expert-parallel group {layer.expert_group_name} hold identical expert weights, "
             "so experts were merged (e.g. broadcast as ordinary data-parallel weights); prepare the model before "
@@ -457,12 +457,14 @@ def export_safetensors(model: Any, path: str | os.PathLike) -> None:
 def load_safetensors(model: Any, path: str | os.PathLike, strict: bool = True) -> None:
     """Loads an export_safetensors / moe.parallel.save_checkpoint file at this model's EP size.
 
-    With an engine and ZeRO 1/2 call it before training starts or follow it with
-    engine.optimizer.refresh_fp32_params() (DeepSpeed keeps its own fp32 copies).
+    Given an engine whose ZeRO optimizer keeps fp32 master copies, those are refreshed too.
     """
     from moe.parallel import load_checkpoint
 
     load_checkpoint(getattr(model, "module", model), path, strict=strict)
+    refresh = getattr(getattr(model, "optimizer", None), "refresh_fp32_params", None)
+    if callable(refresh):
+        refresh()
 
 
 def skip_cpu_comm_build() -> None:
