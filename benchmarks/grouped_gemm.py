@@ -345,7 +345,7 @@ def main() -> None:
         return
     import triton
 
-    ops, _ = load_kernels()
+    ops, grouped_gemm = load_kernels()
     torch.manual_seed(0)
     device = "CPU smoke run (interpreter)" if args.smoke else torch.cuda.get_device_name()
     print(f"{device} | torch {torch.__version__} | triton {triton.__version__} | bf16", flush=True)
@@ -356,6 +356,13 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.only in (None, "b"):
         case_b(ops, args.rounds, rows, args.smoke)
+    if not args.smoke:
+        for label, tuner in (
+            ("fwd", grouped_gemm._fwd_kernel(False, True)),
+            ("wgrad", grouped_gemm._wgrad_kernel(False, True)),
+        ):
+            for key, config in tuner.cache.items():
+                print(f"autotuned {label} {key[:8]}: {config}")
     if args.csv:
         os.makedirs(ROOT / "bench_out", exist_ok=True)
         path = ROOT / "bench_out" / "grouped_gemm.csv"

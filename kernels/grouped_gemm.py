@@ -17,6 +17,7 @@ This module imports Triton; moe.kernels.ops imports it only when an op runs.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -228,8 +229,10 @@ def _fwd_configs(interp: bool) -> list[triton.Config]:
         (256, 128, 64, 8, 3),
         (128, 256, 64, 8, 4),
         (128, 128, 64, 8, 4),
+        (128, 128, 64, 8, 5),
         (128, 128, 64, 4, 4),
         (128, 128, 32, 4, 4),
+        (128, 256, 32, 8, 5),
         (64, 256, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
@@ -245,6 +248,7 @@ def _wgrad_configs(interp: bool) -> list[triton.Config]:
         (128, 128, 64, 8, 3),
         (128, 128, 64, 4, 4),
         (128, 128, 32, 8, 4),
+        (128, 256, 32, 8, 4),
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
@@ -268,13 +272,24 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _interp_fwd_meta(N: int, K: int) -> dict[str, int]:
-    # The interpreter costs ~ms per program: few, large tiles.
-    return {"BLOCK_M": 32, "BLOCK_N": _pow2(N, 16, 64), "BLOCK_K": _pow2(K, 16, 64), "GROUP_M": 4}
+def _fixed_fwd_meta(interp: bool, N: int, K: int) -> dict[str, int]:
+    """The config used without autotuning."""
+    if interp:  # ~ms per program instance: few, large tiles
+        return {"BLOCK_M": 32, "BLOCK_N": _pow2(N, 16, 64), "BLOCK_K": _pow2(K, 16, 64), "GROUP_M": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
-def _interp_wgrad_meta(N: int, K: int) -> dict[str, int]:
-    return {"BLOCK_M": 32, "BLOCK_N": _pow2(N, 16, 64), "BLOCK_K": _pow2(K, 16, 64)}
+def _fixed_wgrad_meta(interp: bool, N: int, K: int) -> dict[str, int]:
+    if interp:
+        return {"BLOCK_M": 32, "BLOCK_N": _pow2(N, 16, 64), "BLOCK_K": _pow2(K, 16, 64)}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _tune(interp: bool, autotune: bool | None) -> bool:
+    """None: autotune on CUDA unless MOE_TRITON_AUTOTUNE=0 (tests: one fixed config, fast compiles)."""
+    if autotune is not None:
+        return autotune
+    return not interp and os.environ.get("MOE_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _rows_bucket(rows: int, experts: int) -> int:
@@ -321,7 +336,8 @@ def gmm_forward(
         row_scale_M: optional [M] per-row scale applied in the epilogue (fused top-k weighting).
         swiglu: y = silu(h[:, :H]) * h[:, H:] computed from the fp32 accumulators.
         store_pre: also return h [M, 2H] (needed by the SwiGLU backward).
-        autotune: None = autotune on CUDA only; True also autotunes under the interpreter.
+        autotune: None = autotune on CUDA only (unless MOE_TRITON_AUTOTUNE=0); True also autotunes
+            under the interpreter (over two small configs).
 
     Returns:
         (y [M, N or H], pre [M, 2H] or an empty tensor); rows >= offsets[E] are zero.
@@ -334,7 +350,7 @@ def gmm_forward(
     if rows == 0 or n_out == 0:
         return y, pre
     interp = interpreting(x.device)
-    tune = (not interp) if autotune is None else autotune
+    tune = _tune(interp, autotune)
     upcast, precision = _dot_flags(x.dtype, interp)
     kernel = _fwd_kernel(interp, tune)
     pre_strides = (pre.stride(0), pre.stride(1)) if store_pre else (0, 0)
@@ -373,7 +389,7 @@ def gmm_forward(
     def grid(meta: dict) -> tuple[int]:
         return ((triton.cdiv(rows, meta["BLOCK_M"]) + E + 1) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
-    meta = {} if tune else _interp_fwd_meta(n_out, K)
+    meta = {} if tune else _fixed_fwd_meta(interp, n_out, K)
     kernel[grid](*args, **flags, **meta)
     return y, pre
 
@@ -403,7 +419,7 @@ def gmm_wgrad(
         return dw
     rows = dy_MN.shape[0]
     interp = interpreting(x.device)
-    tune = (not interp) if autotune is None else autotune
+    tune = _tune(interp, autotune)
     upcast, precision = _dot_flags(x.dtype, interp)
     kernel = _wgrad_kernel(interp, tune)
     args = (
@@ -435,6 +451,6 @@ def gmm_wgrad(
     def grid(meta: dict) -> tuple[int]:
         return (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    meta = {} if tune else _interp_wgrad_meta(N, K)
+    meta = {} if tune else _fixed_wgrad_meta(interp, N, K)
     kernel[grid](*args, **flags, **meta)
     return dw

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from moe.kernels import ops as kops  # noqa: E402
-
 import moe  # noqa: E402
 from moe import ops, reference  # noqa: E402
 from moe.ops import triton as ops_triton  # noqa: E402
+
+kops = ops_triton.kernel_ops()  # moe.kernels.ops, also from a source checkout that was not installed
 
 CPU = torch.device("cpu")
 CUDA = torch.cuda.is_available()
@@ -272,20 +272,32 @@ def test_layer_triton_matches_reference(activation: str, top_k: int, capacity_fa
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_matches_reference(mode: str, dtype: torch.dtype) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cuda_matches_reference(mode: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_TRITON_AUTOTUNE", "0")  # one config: no minutes of autotuning per variant
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cuda = torch.device("cuda")
     check_fwd_bwd(*make_inputs([300, 0, 517, 1, 64], 900, 700, 136, 200, mode, dtype, cuda), dtype)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_layer_auto_is_fused_and_matches_reference() -> None:
-    kwargs = dict(dim=64, hidden_dim=96, num_experts=8, top_k=2)
+def test_cuda_layer_auto_is_fused_and_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    kwargs = dict(dim=64, hidden_dim=96, num_experts=8, top_k=2, capacity_factor=1.0)
     ref = moe.MoE(**kwargs, backend="reference").cuda()
     ours = moe.MoE(**kwargs, backend="auto").cuda()
     ours.load_state_dict(ref.state_dict())
     assert ours.dispatcher.fused(torch.device("cuda"))
     x = torch.randn(4, 33, 64, device="cuda")
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y_ours.backward(dy)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    for (name, p_ours), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-4, atol=1e-4, msg=name)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_ref, y_ours = ref(x), ours(x)
     torch.testing.assert_close(y_ours.float(), y_ref.float(), rtol=4e-2, atol=4e-2)

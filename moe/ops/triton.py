@@ -7,15 +7,19 @@ Availability: on CUDA wherever Triton is installed ("auto" picks it first there)
 kernels run in Triton's interpreter, which is for tests only: the registry's CPU auto order
 does not list "triton", so only an explicit backend="triton" reaches it. Importing this module
 imports neither Triton nor moe.kernels; both are imported the first time a kernel runs.
-The index ops (sort, permute, unpermute) have no Triton kernels: under backend="triton" they
-run on the fastest other backend, so a layer can be built with backend="triton".
+The other ops (sort, permute, unpermute, ...) have no Triton kernels here: under
+backend="triton" they run on the fastest other backend, so a layer can use backend="triton".
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -32,6 +36,27 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def kernel_ops() -> ModuleType:
+    """moe.kernels.ops; in a source checkout that was not pip-installed, loaded from kernels/ beside moe/."""
+    try:
+        return importlib.import_module("moe.kernels.ops")
+    except ModuleNotFoundError as err:
+        if err.name not in ("moe.kernels", "moe.kernels.ops"):
+            raise
+    root = Path(__file__).resolve().parents[2] / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "moe.kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    if spec is None or spec.loader is None or not (root / "ops.py").is_file():
+        raise ModuleNotFoundError(
+            f"moe.kernels is missing (no {root / 'ops.py'}); install the package: pip install -e ."
+        )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["moe.kernels"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("moe.kernels.ops")
+
+
 def available(device: torch.device) -> bool:
     """CUDA, or CPU through the interpreter (explicit backend="triton" only), with Triton installed."""
     return device.type in ("cuda", "cpu") and triton_installed()
@@ -45,9 +70,7 @@ def uses_triton(backend: str, device: torch.device) -> bool:
 
 
 def _grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    from moe.kernels import ops as kernel_ops
-
-    return kernel_ops.grouped_mm(x_MK, w_EKN, counts_E)
+    return kernel_ops().grouped_mm(x_MK, w_EKN, counts_E)
 
 
 def _delegate(op: str) -> Callable[..., Any]:
@@ -87,17 +110,17 @@ def expert_mlp(
     Returns:
         [N, D] weighted expert outputs in x's dtype; rows past counts.sum() are zero.
     """
-    from moe.kernels import ops as kernel_ops
-
+    kops = kernel_ops()
     if activation == "swiglu":
-        h_NH = kernel_ops.gather_grouped_mm(x_TD, w_in_EDF, counts_E, token_idx_N, activation="swiglu")
+        h_NH = kops.gather_grouped_mm(x_TD, w_in_EDF, counts_E, token_idx_N, activation="swiglu")
     elif activation == "gelu":
-        h_NH = F.gelu(kernel_ops.gather_grouped_mm(x_TD, w_in_EDF, counts_E, token_idx_N))
+        h_NH = F.gelu(kops.gather_grouped_mm(x_TD, w_in_EDF, counts_E, token_idx_N))
     else:
         raise ValueError(f"activation must be 'swiglu' or 'gelu' for backend='triton'; got {activation!r}")
-    return kernel_ops.grouped_mm_weighted(h_NH, w_out_EHD, counts_E, weights_N)
+    return kops.grouped_mm_weighted(h_NH, w_out_EHD, counts_E, weights_N)
 
 
 registry.register("grouped_mm", NAME, _grouped_mm, available)
-for _op in ("sort_by_expert", "permute", "unpermute"):
-    registry.register(_op, NAME, _delegate(_op), available)
+for _op in registry.OPS:
+    if _op != "grouped_mm":
+        registry.register(_op, NAME, _delegate(_op), available)
