@@ -49,6 +49,7 @@ void check_float(const at::Tensor& t, const char* name) {
 
 std::tuple<at::Tensor, at::Tensor> sort_by_expert_cuda(const at::Tensor& expert_ids, int64_t num_experts) {
   TORCH_CHECK(num_experts > 0, "num_experts must be positive, got ", num_experts);
+  TORCH_CHECK(num_experts < std::numeric_limits<int32_t>::max(), "num_experts must be < 2^31 - 1, got ", num_experts);
   auto ids = expert_ids.reshape({-1}).contiguous();
   check_index(ids, "expert_ids");
   check_on(ids, ids, "expert_ids");

@@ -31,6 +31,7 @@ __global__ void gather_kernel(const V* __restrict__ src, const int64_t* __restri
     MOE_DEVICE_CHECK(s >= 0 && s < src_rows);  // token_idx out of range
     const V* from = src + s * vecs_per_row;
     V* to = dst + row * vecs_per_row;
+#pragma unroll 4
     for (int64_t v = lane; v < vecs_per_row; v += group) to[v] = from[v];
   }
 }
@@ -89,7 +90,8 @@ __global__ void combine_kernel(const T* __restrict__ y, const Acc* __restrict__ 
       Acc acc[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] = Acc(0);
-      for (int64_t r = r0; r < r1; ++r) {
+#pragma unroll 4
+      for (int64_t r = r0; r < r1; ++r) {  // loads of later rows can issue before earlier adds
         const int64_t j = rows[r];
         const P p = reinterpret_cast<const P*>(y + j * dim)[v];
         if (w == nullptr) {

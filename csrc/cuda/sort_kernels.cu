@@ -44,11 +44,12 @@ SortPlan plan_sort(int64_t n, int64_t num_experts) {
 }
 
 // The bin of slot i of a chunk; lanes past the chunk's end get the unused sentinel bin B.
-__device__ inline int64_t bin_of(const int64_t* ids, int64_t i, int64_t end, int64_t num_experts) {
-  if (i >= end) return num_experts + 1;
+// Bins fit 32 bits (the binding checks num_experts < 2^31 - 1), so warps match 32-bit keys.
+__device__ inline unsigned bin_of(const int64_t* ids, int64_t i, int64_t end, int64_t num_experts) {
+  if (i >= end) return static_cast<unsigned>(num_experts + 1);
   const int64_t id = ids[i];
   MOE_DEVICE_CHECK(id < num_experts);  // expert id out of range (use -1 for dropped copies)
-  return id < 0 ? num_experts : id;
+  return static_cast<unsigned>(id < 0 ? num_experts : id);
 }
 
 // Cursors of this warp's chunk: cursor(b) = base[b * stride].
@@ -75,8 +76,8 @@ __global__ void histogram_kernel(const int64_t* __restrict__ ids, int64_t n, int
   const int64_t begin = c * p.chunk, end = min(n, begin + p.chunk);
   for (int64_t base = begin; base < end; base += kWarp) {
     const int64_t i = base + lane;
-    const int64_t bin = bin_of(ids, i, end, num_experts);
-    const unsigned peers = __match_any_sync(kFullMask, static_cast<unsigned long long>(bin));
+    const unsigned bin = bin_of(ids, i, end, num_experts);
+    const unsigned peers = __match_any_sync(kFullMask, bin);
     if (i < end && lane == __ffs(peers) - 1) cur[bin] += __popc(peers);
     __syncwarp();
   }
@@ -129,8 +130,8 @@ __global__ void scatter_kernel(const int64_t* __restrict__ ids, int64_t n, int64
   const int64_t begin = c * p.chunk, end = min(n, begin + p.chunk);
   for (int64_t base = begin; base < end; base += kWarp) {
     const int64_t i = base + lane;
-    const int64_t bin = bin_of(ids, i, end, num_experts);
-    const unsigned peers = __match_any_sync(kFullMask, static_cast<unsigned long long>(bin));
+    const unsigned bin = bin_of(ids, i, end, num_experts);
+    const unsigned peers = __match_any_sync(kFullMask, bin);
     const int leader = __ffs(peers) - 1;
     int64_t pos = 0;
     if (i < end && lane == leader) {
