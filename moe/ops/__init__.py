@@ -1,5 +1,6 @@
 """The op layer the MoE layer calls; backends plug in through moe.ops.registry."""
 
+from moe.ops import torch_grouped as _torch_grouped  # noqa: F401  (registers backend "torch")
 from moe.ops import triton as _triton  # noqa: F401  (registers backend "triton"; imports no Triton)
 from moe.ops.grouped_mm import grouped_mm
 from moe.ops.permute import permute, sort_by_expert
