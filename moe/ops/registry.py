@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-OPS = ("sort_by_expert", "permute", "unpermute", "grouped_mm")
+OPS = ("sort_by_expert", "permute", "unpermute", "grouped_mm", "swiglu")
 
 # Fastest first. A backend appears only once it has registered an implementation.
 AUTO_PRIORITY = {

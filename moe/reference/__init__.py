@@ -7,6 +7,7 @@ Expert id -1 means "not routed / dropped" everywhere.
 from moe.reference.count import count_tokens, sort_by_expert
 from moe.reference.grouped_mm import grouped_mm, grouped_mm_wgrad
 from moe.reference.permute import permute
+from moe.reference.swiglu import swiglu
 from moe.reference.unpermute import unpermute
 
-__all__ = ["count_tokens", "sort_by_expert", "permute", "unpermute", "grouped_mm", "grouped_mm_wgrad"]
+__all__ = ["count_tokens", "sort_by_expert", "permute", "unpermute", "grouped_mm", "grouped_mm_wgrad", "swiglu"]

@@ -1,0 +1,173 @@
+// permute (row gather), scatter_rows / unpermute (deterministic weighted row sums) and
+// unpermute_backward on CPU, multithreaded with at::parallel_for.
+//
+// The scatter side never races: rows are grouped per token (a CSR inverse of token_idx,
+// built by a counting sort that keeps row order), and each token sums its own rows in
+// ascending row order, so results are bitwise reproducible and match index_add's order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "common.h"
+
+namespace moe {
+namespace {
+
+constexpr int64_t kRowGrain = 16;
+
+void check_rows(const at::Tensor& token_idx, int64_t num_tokens) {
+  const int64_t* idx = token_idx.data_ptr<int64_t>();
+  for (int64_t j = 0; j < token_idx.numel(); ++j)
+    TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < num_tokens, "token_idx[", j, "] = ", idx[j], " is out of range for ",
+                num_tokens, " tokens");
+}
+
+at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& token_idx) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be [T, D], got shape ", x.sizes());
+  check_index(token_idx, "token_idx");
+  auto xc = x.contiguous();
+  auto idx = token_idx.contiguous();
+  check_rows(idx, xc.size(0));
+  auto out = at::empty({idx.numel(), xc.size(1)}, xc.options());
+  const int64_t row_bytes = xc.size(1) * xc.element_size();
+  const char* src = static_cast<const char*>(xc.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* id = idx.data_ptr<int64_t>();
+  if (row_bytes == 0) return out;
+  at::parallel_for(0, idx.numel(), kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) std::memcpy(dst + j * row_bytes, src + id[j] * row_bytes, row_bytes);
+  });
+  return out;
+}
+
+// CSR of the rows of each token: rows[start[t] : start[t + 1]] in ascending order.
+std::pair<std::vector<int64_t>, std::vector<int64_t>> rows_by_token(const at::Tensor& idx, int64_t num_tokens) {
+  const int64_t* id = idx.data_ptr<int64_t>();
+  std::vector<int64_t> start(num_tokens + 1, 0);
+  for (int64_t j = 0; j < idx.numel(); ++j) ++start[id[j] + 1];
+  for (int64_t t = 0; t < num_tokens; ++t) start[t + 1] += start[t];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1), rows(idx.numel());
+  for (int64_t j = 0; j < idx.numel(); ++j) rows[fill[id[j]]++] = j;
+  return {start, rows};
+}
+
+template <typename scalar_t, typename acc_t>
+void weighted_row_sums(const scalar_t* y, const acc_t* w, const std::vector<int64_t>& start,
+                       const std::vector<int64_t>& rows, int64_t num_tokens, int64_t dim, scalar_t* out) {
+  at::parallel_for(0, num_tokens, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(dim);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t r = start[t]; r < start[t + 1]; ++r) {
+        const int64_t j = rows[r];
+        const scalar_t* yj = y + j * dim;
+        if (w == nullptr) {
+          for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<acc_t>(yj[d]);
+        } else {
+          const acc_t wj = w[j];
+          for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<acc_t>(yj[d]) * wj;
+        }
+      }
+      scalar_t* o = out + t * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+    }
+  });
+}
+
+// Shared body of scatter_rows (weights undefined) and unpermute.
+at::Tensor combine_cpu(const at::Tensor& y, const at::Tensor& token_idx, const at::Tensor& weights,
+                       int64_t num_tokens) {
+  TORCH_CHECK_VALUE(y.dim() == 2, "y must be [N, D], got shape ", y.sizes());
+  TORCH_CHECK_VALUE(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
+  check_index(token_idx, "token_idx");
+  TORCH_CHECK_VALUE(token_idx.numel() == y.size(0), "token_idx has ", token_idx.numel(), " rows but y has ", y.size(0));
+  auto yc = y.contiguous();
+  auto idx = token_idx.contiguous();
+  check_rows(idx, num_tokens);
+  auto [start, rows] = rows_by_token(idx, num_tokens);
+  auto out = at::empty({num_tokens, yc.size(1)}, yc.options());
+  const auto acc_type = yc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor w;
+  if (weights.defined()) {
+    TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", y.size(0),
+                "], got shape ", weights.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), "weights must be floating, got ",
+                     weights.scalar_type());
+    w = weights.to(acc_type).contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "moe_combine_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    weighted_row_sums<scalar_t, acc_t>(yc.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                                       start, rows, num_tokens, yc.size(1), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor scatter_rows_cpu(const at::Tensor& y, const at::Tensor& token_idx, int64_t num_tokens) {
+  return combine_cpu(y, token_idx, at::Tensor(), num_tokens);
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& token_idx, const at::Tensor& weights,
+                         int64_t num_tokens) {
+  return combine_cpu(y, token_idx, weights, num_tokens);
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y,
+                                                          const at::Tensor& token_idx, const at::Tensor& weights) {
+  check_index(token_idx, "token_idx");
+  TORCH_CHECK_VALUE(y.dim() == 2 && token_idx.numel() == y.size(0), "y must be [N, D] with N = token_idx.numel() = ",
+                    token_idx.numel(), ", got shape ", y.sizes());
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(1) == y.size(1), "grad_out must be [T, ", y.size(1),
+                    "], got shape ", grad_out.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", y.size(0),
+                    "], got shape ", weights.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), "grad_out is ", grad_out.scalar_type(), " but y is ",
+                   y.scalar_type());
+  auto g = grad_out.contiguous();
+  auto yc = y.contiguous();
+  auto idx = token_idx.contiguous();
+  check_rows(idx, g.size(0));
+  const auto acc_type = yc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto w = weights.to(acc_type).contiguous();
+  auto grad_y = at::empty_like(yc);
+  auto grad_w = at::empty({yc.size(0)}, yc.options().dtype(acc_type));
+  const int64_t dim = yc.size(1);
+  const int64_t* id = idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "moe_unpermute_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* yp = yc.const_data_ptr<scalar_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    scalar_t* gy = grad_y.mutable_data_ptr<scalar_t>();
+    acc_t* gw = grad_w.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, yc.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const scalar_t* gt = gp + id[j] * dim;
+        const scalar_t* yj = yp + j * dim;
+        acc_t dot = 0;
+        for (int64_t d = 0; d < dim; ++d) {
+          const acc_t gd = static_cast<acc_t>(gt[d]);
+          gy[j * dim + d] = static_cast<scalar_t>(gd * wp[j]);
+          dot += gd * static_cast<acc_t>(yj[d]);
+        }
+        gw[j] = dot;
+      }
+    });
+  });
+  return {grad_y, grad_w.to(weights.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe, CPU, m) {
+  m.impl("permute", &permute_cpu);
+  m.impl("scatter_rows", &scatter_rows_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+  m.impl("unpermute_backward", &unpermute_backward_cpu);
+}
+
+}  // namespace moe

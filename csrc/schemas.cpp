@@ -1,0 +1,27 @@
+// Schemas of the moe:: ops (declared once; CPU impls in *_cpu.cpp, CUDA impls in cuda/*.cu).
+//
+// Shapes: T tokens, D features, E experts, N dispatched token copies, M grouped-GEMM rows.
+#include <torch/library.h>
+
+TORCH_LIBRARY(moe, m) {
+  // Stable counting sort of copies by expert id, dropped (< 0) copies last.
+  m.def("sort_by_expert(Tensor expert_ids, int num_experts) -> (Tensor order, Tensor counts)");
+  // Pads each expert's segment to a multiple of block_size: [E + 1] int64 padded offsets.
+  m.def("align_block_size(Tensor counts, int block_size) -> Tensor");
+  // x_sorted[j] = x[token_idx[j]].
+  m.def("permute(Tensor x, Tensor token_idx) -> Tensor");
+  // out[t] = sum_{j: token_idx[j] == t} y[j] (the adjoint of permute), fp32 accumulation.
+  m.def("scatter_rows(Tensor y, Tensor token_idx, int num_tokens) -> Tensor");
+  // out[t] = sum_{j: token_idx[j] == t} weights[j] * y[j], fp32 accumulation, deterministic.
+  m.def("unpermute(Tensor y, Tensor token_idx, Tensor weights, int num_tokens) -> Tensor");
+  // (grad_y [N, D], grad_weights [N]) of unpermute.
+  m.def("unpermute_backward(Tensor grad_out, Tensor y, Tensor token_idx, Tensor weights) -> (Tensor, Tensor)");
+  // y[rows of e] = x[rows of e] @ w[e]; rows past counts.sum() are zero.
+  m.def("grouped_mm(Tensor x, Tensor w, Tensor counts) -> Tensor");
+  // dw[e] = x[rows of e]^T @ dy[rows of e]; zero for experts with no rows.
+  m.def("grouped_mm_wgrad(Tensor x, Tensor dy, Tensor counts) -> Tensor");
+  // SwiGLU of h = [gate | up] ([N, 2H]): silu(gate) * up, [N, H], computed in fp32 (fp64 stays fp64).
+  m.def("swiglu(Tensor h) -> Tensor");
+  // grad_h [N, 2H] of swiglu: [grad_out * up * silu'(gate) | grad_out * silu(gate)].
+  m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
+}

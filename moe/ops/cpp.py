@@ -1,0 +1,243 @@
+"""Backend "cpp": the C++ ops of the moe._C extension (csrc/), as torch.library ops moe::*.
+
+Shape legend: T tokens, D features, E experts, N dispatched copies (rows sorted by expert),
+M grouped-GEMM rows, K/N GEMM inner/outer dims, F = 2H a fused [gate | up] projection.
+
+The schemas and kernels live in C++ (csrc/schemas.cpp); this module adds what torch needs on the
+Python side: fake kernels (torch.compile, meta tensors) and autograd formulas, each written with
+the moe:: ops themselves, so gradients of gradients work too. Backward passes avoid copies: the
+dX of grouped_mm reads the transposed weight view in place (BLAS transposes on the fly).
+
+The extension is loaded the first time the backend is asked whether it can run, never at
+`import moe`. If it is not built, the backend reports itself unavailable, so backend="auto"
+falls back to the references, and a warning says once how to build it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moe.ops import registry
+
+NAME = "cpp"
+BUILD_COMMAND = "pip install --no-build-isolation --no-deps -e .  (in the repository root; or `make venv`)"
+
+# The C++ ops each registry op calls, forward and backward (all must have a kernel on the device).
+_NEEDS = {
+    "sort_by_expert": ("sort_by_expert",),
+    "permute": ("permute", "scatter_rows"),
+    "unpermute": ("unpermute", "unpermute_backward"),
+    "grouped_mm": ("grouped_mm", "grouped_mm_wgrad"),
+    "swiglu": ("swiglu", "swiglu_backward"),
+}
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+@functools.cache
+def _load() -> bool:
+    """Imports moe._C and registers the Python side once; False (and one warning) if not built."""
+    try:
+        importlib.import_module("moe._C")
+    except ImportError as err:
+        warnings.warn(
+            f"moe._C, the C++ ops, is not built ({err}); using the pure-PyTorch references. "
+            f"Build it with: {BUILD_COMMAND}",
+            stacklevel=3,
+        )
+        return False
+    _register_fakes()
+    _register_autograd()
+    return True
+
+
+@torch.compiler.assume_constant_result
+def loaded() -> bool:
+    """Whether the extension is importable (loads it on the first call; a constant under torch.compile)."""
+    return _load()
+
+
+@functools.cache
+def _has_kernels(op: str, device_type: str) -> bool:
+    key = _DISPATCH_KEYS.get(device_type)
+    return key is not None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", key) for name in _NEEDS[op]
+    )
+
+
+def _available(op: str) -> Callable[[torch.device], bool]:
+    @torch.compiler.assume_constant_result
+    def check(device: torch.device) -> bool:
+        return _load() and _has_kernels(op, device.type)
+
+    return check
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+def _register_fakes() -> None:
+    fake = torch.library.register_fake
+
+    @fake("moe::sort_by_expert")
+    def _(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return expert_ids.new_empty(expert_ids.numel()), expert_ids.new_empty(num_experts)
+
+    @fake("moe::align_block_size")
+    def _(counts: torch.Tensor, block_size: int) -> torch.Tensor:
+        return counts.new_empty(counts.shape[0] + 1)
+
+    @fake("moe::permute")
+    def _(x: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(token_idx.shape[0], x.shape[1])
+
+    @fake("moe::scatter_rows")
+    def _(y: torch.Tensor, token_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return y.new_empty(num_tokens, y.shape[1])
+
+    @fake("moe::unpermute")
+    def _(y: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return y.new_empty(num_tokens, y.shape[1])
+
+    @fake("moe::unpermute_backward")
+    def _(
+        grad_out: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return y.new_empty(y.shape), weights.new_empty(y.shape[0])
+
+    @fake("moe::grouped_mm")
+    def _(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[2])
+
+    @fake("moe::grouped_mm_wgrad")
+    def _(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(counts.shape[0], x.shape[1], dy.shape[1])
+
+    @fake("moe::swiglu")
+    def _(h: torch.Tensor) -> torch.Tensor:
+        return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+    @fake("moe::swiglu_backward")
+    def _(grad_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h.new_empty(h.shape)
+
+
+# ---------------------------------------------------------------- autograd
+# setup_context / backward signatures follow torch.library.register_autograd.
+
+
+def _permute_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, token_idx = inputs
+    ctx.save_for_backward(token_idx)
+    ctx.num_tokens = x.shape[0]
+
+
+def _permute_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+    (token_idx,) = ctx.saved_tensors
+    return torch.ops.moe.scatter_rows(grad, token_idx, ctx.num_tokens), None
+
+
+def _scatter_rows_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _scatter_rows_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    (token_idx,) = ctx.saved_tensors
+    return torch.ops.moe.permute(grad, token_idx), None, None
+
+
+def _unpermute_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    y, token_idx, weights, _ = inputs
+    ctx.save_for_backward(y, token_idx, weights)
+
+
+def _unpermute_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+    y, token_idx, weights = ctx.saved_tensors
+    grad_y, grad_w = torch.ops.moe.unpermute_backward(grad, y, token_idx, weights)
+    return (
+        grad_y if ctx.needs_input_grad[0] else None,
+        None,
+        grad_w if ctx.needs_input_grad[2] else None,
+        None,
+    )
+
+
+def _grouped_mm_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    x, w, counts = ctx.saved_tensors
+    # w.transpose is a view: BLAS reads it transposed, no [E, N, K] copy of the weights.
+    dx = torch.ops.moe.grouped_mm(dy, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+    dw = torch.ops.moe.grouped_mm_wgrad(x, dy, counts) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+def _wgrad_backward(ctx: Any, ddw: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    x, dy, counts = ctx.saved_tensors
+    dx = torch.ops.moe.grouped_mm(dy, ddw.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+    ddy = torch.ops.moe.grouped_mm(x, ddw, counts) if ctx.needs_input_grad[1] else None
+    return dx, ddy, None
+
+
+def _swiglu_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    (h,) = ctx.saved_tensors
+    return torch.ops.moe.swiglu_backward(grad, h)
+
+
+def _register_autograd() -> None:
+    reg = torch.library.register_autograd
+    reg("moe::permute", _permute_backward, setup_context=_permute_setup)
+    reg("moe::scatter_rows", _scatter_rows_backward, setup_context=_scatter_rows_setup)
+    reg("moe::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
+    reg("moe::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
+    reg("moe::grouped_mm_wgrad", _wgrad_backward, setup_context=_grouped_mm_setup)
+    reg("moe::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+
+
+# ---------------------------------------------------------------- registry entry points
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [N], counts [E]) of expert_ids ([N] or [T, K], -1 = dropped): stable, dropped last."""
+    return torch.ops.moe.sort_by_expert(expert_ids.reshape(-1), num_experts)
+
+
+def permute(x_TD: torch.Tensor, token_idx_N: torch.Tensor) -> torch.Tensor:
+    """x_sorted [N, D] = x_TD[token_idx_N]; backward sums rows back per token (scatter_rows)."""
+    return torch.ops.moe.permute(x_TD, token_idx_N)
+
+
+def unpermute(y_ND: torch.Tensor, token_idx_N: torch.Tensor, weights_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """y_TD [T, D]: per token, the weights_N-weighted sum of its rows of y_ND, in fp32, deterministic."""
+    return torch.ops.moe.unpermute(y_ND, token_idx_N, weights_N, num_tokens)
+
+
+def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """y [M, N]: x rows of expert e times w_EKN[e], one BLAS GEMM per expert; padding rows are 0."""
+    return torch.ops.moe.grouped_mm(x_MK, w_EKN, counts_E)
+
+
+def swiglu(h_NF: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h_NF = [gate | up] ([N, 2H] -> [N, H]) in one fused pass."""
+    return torch.ops.moe.swiglu(h_NF)
+
+
+for _op, _fn in (
+    ("sort_by_expert", sort_by_expert),
+    ("permute", permute),
+    ("unpermute", unpermute),
+    ("grouped_mm", grouped_mm),
+    ("swiglu", swiglu),
+):
+    registry.register(_op, NAME, _fn, _available(_op))

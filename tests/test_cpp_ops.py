@@ -1,0 +1,362 @@
+"""The C++ ops (moe._C, backend "cpp") against moe.reference: forward, every gradient, opcheck.
+
+Skipped as a whole when the extension is not built (pip install --no-build-isolation -e .).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHAPES, assert_close
+
+import moe
+from moe import reference
+from moe.ops import cpp
+
+pytest.importorskip("moe._C", reason="the C++ extension is not built")
+assert cpp.loaded()  # registers the fake kernels and autograd formulas
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+OPS = torch.ops.moe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _routing(num_tokens: int, top_k: int, num_experts: int, drop: float = 0.0) -> torch.Tensor:
+    """expert_ids [T, K], distinct experts per token where possible, a fraction `drop` set to -1."""
+    ids = torch.rand(num_tokens, num_experts).argsort(dim=1)[:, :top_k] % num_experts
+    if top_k > num_experts:
+        ids = torch.randint(num_experts, (num_tokens, top_k))
+    return torch.where(torch.rand(ids.shape) < drop, -1, ids)
+
+
+def _sorted_rows(num_tokens: int, top_k: int, num_experts: int, drop: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """(token_idx [N], counts [E]) as the dispatcher makes them."""
+    order, counts = reference.sort_by_expert(_routing(num_tokens, top_k, num_experts, drop), num_experts)
+    return order // top_k, counts
+
+
+# ---------------------------------------------------------------- index ops (exact)
+
+
+@pytest.mark.parametrize(("t", "k", "e"), [(0, 2, 4), (1, 1, 1), (7, 2, 3), (100, 4, 5), (33, 3, 64)])
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_sort_by_expert_is_exact(t: int, k: int, e: int, drop: float) -> None:
+    ids = _routing(t, k, e, drop)
+    order, counts = cpp.sort_by_expert(ids, e)
+    want_order, want_counts = reference.sort_by_expert(ids, e)
+    assert torch.equal(order, want_order) and torch.equal(counts, want_counts)
+    assert order.dtype == counts.dtype == torch.int64
+
+
+def test_align_block_size_pads_each_segment() -> None:
+    counts = torch.tensor([0, 1, 4, 5, 9])
+    got = OPS.align_block_size(counts, 4)
+    want = F.pad(torch.cumsum((counts + 3) // 4 * 4, 0), (1, 0))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("t", "k", "e", "d"), [(0, 2, 4, 8), (1, 2, 4, 3), (37, 3, 5, 20)])
+def test_permute_forward_exact_and_gradient(dtype: torch.dtype, t: int, k: int, e: int, d: int) -> None:
+    token_idx, _ = _sorted_rows(t, k, e)
+    x = torch.randn(t, d, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = cpp.permute(x, token_idx), reference.permute(x_ref, token_idx)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close(x.grad, x_ref.grad)
+
+
+def test_permute_of_non_contiguous_input() -> None:
+    x = torch.randn(6, 10).t()  # [10, 6], column-major
+    idx = torch.tensor([9, 0, 0, 4])
+    assert torch.equal(cpp.permute(x, idx), x[idx])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_rows_is_the_adjoint_of_permute(dtype: torch.dtype) -> None:
+    token_idx, _ = _sorted_rows(20, 3, 6)
+    y = torch.randn(60, 7, dtype=dtype)
+    want = torch.zeros(20, 7, dtype=torch.float64).index_add(0, token_idx, y.double())
+    assert_close(OPS.scatter_rows(y, token_idx, 20), want, dtype)
+
+
+# ---------------------------------------------------------------- unpermute
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("t", "k", "e", "d", "drop"), [(0, 2, 4, 8, 0.0), (1, 1, 1, 5, 0.0), (41, 3, 6, 24, 0.3)])
+def test_unpermute_forward_and_gradients(dtype: torch.dtype, t: int, k: int, e: int, d: int, drop: float) -> None:
+    token_idx, counts = _sorted_rows(t, k, e, drop)
+    n = token_idx.shape[0]
+    routed = torch.arange(n) < counts.sum()
+    y = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    w = torch.where(routed, torch.rand(n), 0.0).requires_grad_()
+    y_ref, w_ref = (y.detach().clone().requires_grad_(), w.detach().clone().requires_grad_())
+    out, out_ref = cpp.unpermute(y, token_idx, w, t), reference.unpermute(y_ref, token_idx, w_ref, t)
+    assert out.dtype == dtype
+    assert_close(out, out_ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_ref.backward(g)
+    assert_close(y.grad, y_ref.grad)
+    assert_close(w.grad, w_ref.grad, dtype)
+
+
+def test_unpermute_is_deterministic() -> None:
+    token_idx, _ = _sorted_rows(64, 4, 8)
+    y, w = torch.randn(256, 33), torch.rand(256)
+    torch.set_num_threads(2)
+    outs = [cpp.unpermute(y, token_idx, w, 64) for _ in range(3)]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+# ---------------------------------------------------------------- grouped_mm
+
+
+def _grouped_inputs(counts: list[int], pad: int, k: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    c = torch.tensor(counts, dtype=torch.int64)
+    x = torch.randn(int(c.sum()) + pad, k, dtype=dtype)
+    w = torch.randn(len(counts), k, n, dtype=dtype) / k**0.5
+    return x, w, c
+
+
+GROUPED_CASES = [([0, 0], 0), ([3], 0), ([5, 0, 2, 0], 3), ([1, 7, 0, 4, 2], 0), ([0, 0, 0], 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("counts", "pad"), GROUPED_CASES)
+def test_grouped_mm_forward_and_gradients(dtype: torch.dtype, counts: list[int], pad: int) -> None:
+    x, w, c = _grouped_inputs(counts, pad, 12, 10, dtype)
+    x.requires_grad_()
+    w.requires_grad_()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y, y_ref = cpp.grouped_mm(x, w, c), reference.grouped_mm(x_ref, w_ref, c)
+    assert_close(y, y_ref)
+    assert torch.all(y[int(c.sum()) :] == 0)
+    if int(c.sum()) == 0:  # the reference returns a fresh zeros tensor, with no graph
+        return
+    # Backward through a sum: the upstream gradient arrives expanded (stride 0).
+    (y.float() * 1.5).sum().backward()
+    (y_ref.float() * 1.5).sum().backward()
+    assert_close(x.grad, x_ref.grad)
+    assert_close(w.grad, w_ref.grad)
+
+
+def test_grouped_mm_wgrad_matches_reference() -> None:
+    x, _, c = _grouped_inputs([4, 0, 6], 2, 9, 1, torch.float32)
+    dy = torch.randn(x.shape[0], 5)
+    assert_close(OPS.grouped_mm_wgrad(x, dy, c), reference.grouped_mm_wgrad(x, dy, c))
+
+
+def test_grouped_mm_double_backward_fp64() -> None:
+    x, w, c = _grouped_inputs([2, 0, 3], 1, 4, 3, torch.float64)
+    x.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, b: cpp.grouped_mm(a, b, c), (x, w))
+
+
+def test_permute_unpermute_gradcheck_fp64() -> None:
+    token_idx, _ = _sorted_rows(5, 2, 3)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: cpp.unpermute(cpp.permute(a, token_idx) ** 2, token_idx, b, 5), (x, w))
+    assert torch.autograd.gradgradcheck(lambda a: cpp.permute(a, token_idx), (x,))
+
+
+# ---------------------------------------------------------------- swiglu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "h"), [(0, 4), (1, 1), (9, 300), (3, 37)])
+def test_swiglu_forward_and_gradient(dtype: torch.dtype, n: int, h: int) -> None:
+    x = (3 * torch.randn(n, 2 * h)).to(dtype).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = cpp.swiglu(x), reference.swiglu(x_ref)
+    assert y.shape == (n, h) and y.dtype == dtype
+    assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close(x.grad, x_ref.grad)
+
+
+def test_swiglu_extreme_inputs() -> None:
+    gate = torch.tensor([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4, float("nan")])
+    h = torch.cat([gate, torch.ones(8)]).unsqueeze(0)
+    want = reference.swiglu(h)
+    got = cpp.swiglu(h)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-30)
+    g = torch.ones(1, 8)
+    torch.testing.assert_close(
+        OPS.swiglu_backward(g, h)[0, :7],
+        torch.autograd.functional.vjp(reference.swiglu, h, g)[1][0, :7],
+        rtol=1e-5,
+        atol=1e-30,
+    )
+
+
+# ---------------------------------------------------------------- opcheck
+
+
+def _opcheck_cases() -> list[tuple[str, tuple]]:
+    token_idx, counts = _sorted_rows(6, 2, 3)
+    x = torch.randn(6, 5, requires_grad=True)
+    y = torch.randn(12, 5, requires_grad=True)
+    w = torch.rand(12, requires_grad=True)
+    xs, ws, c = _grouped_inputs([3, 0, 4], 2, 6, 5, torch.float32)
+    return [
+        ("sort_by_expert", (_routing(6, 2, 3, 0.3).reshape(-1), 3)),
+        ("align_block_size", (counts, 4)),
+        ("permute", (x, token_idx)),
+        ("scatter_rows", (y, token_idx, 6)),
+        ("unpermute", (y, token_idx, w, 6)),
+        ("unpermute_backward", (torch.randn(6, 5), y.detach(), token_idx, w.detach())),
+        ("grouped_mm", (xs.requires_grad_(), ws.requires_grad_(), c)),
+        ("grouped_mm_wgrad", (xs.detach().requires_grad_(), torch.randn(9, 4, requires_grad=True), c)),
+        ("swiglu", (torch.randn(4, 10, requires_grad=True),)),
+        ("swiglu_backward", (torch.randn(4, 5), torch.randn(4, 10))),
+    ]
+
+
+@pytest.mark.parametrize(("name", "args"), _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name: str, args: tuple) -> None:
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
+def test_every_schema_has_a_cpu_kernel_and_is_opchecked() -> None:
+    names = {n for n, _ in _opcheck_cases()}
+    defined = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("moe::")}
+    assert defined == names
+    assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{n}", "CPU") for n in names)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: OPS.sort_by_expert(torch.tensor([0, 3]), 3), ValueError, r"expert_ids\[1\] = 3 is out of range"),
+        (lambda: OPS.sort_by_expert(torch.tensor([0, 1]), 0), ValueError, "num_experts must be positive"),
+        (lambda: OPS.sort_by_expert(torch.tensor([0, 1], dtype=torch.int32), 2), TypeError, "must be int64"),
+        (lambda: OPS.permute(torch.randn(3, 2), torch.tensor([0, 3])), ValueError, r"token_idx\[1\] = 3"),
+        (lambda: OPS.permute(torch.randn(3, 2), torch.tensor([-1])), ValueError, "out of range"),
+        (lambda: OPS.permute(torch.randn(3), torch.tensor([0])), ValueError, r"x must be \[T, D\]"),
+        (lambda: OPS.unpermute(torch.randn(2, 4), torch.tensor([0, 1]), torch.rand(3), 2), ValueError, "weights"),
+        (lambda: OPS.unpermute(torch.randn(2, 4), torch.tensor([0, 5]), torch.rand(2), 2), ValueError, "out of range"),
+        (lambda: OPS.grouped_mm(torch.randn(3, 4), torch.randn(2, 4, 5), torch.tensor([2, 2])), ValueError, "sum to 4"),
+        (lambda: OPS.grouped_mm(torch.randn(3, 4), torch.randn(2, 5, 5), torch.tensor([1, 1])), ValueError, "K = 5"),
+        (lambda: OPS.grouped_mm(torch.randn(3, 4), torch.randn(2, 4, 5), torch.tensor([1])), ValueError, "experts"),
+        (
+            lambda: OPS.grouped_mm(torch.randn(3, 4), torch.randn(1, 4, 5).double(), torch.tensor([1])),
+            TypeError,
+            "but w is",
+        ),
+        (
+            lambda: OPS.grouped_mm(torch.randn(3, 4), torch.randn(2, 4, 5), torch.tensor([2, -1])),
+            ValueError,
+            "negative",
+        ),
+        (lambda: OPS.swiglu(torch.randn(2, 5)), ValueError, "even number of columns"),
+        (lambda: OPS.swiglu(torch.ones(2, 4, dtype=torch.int64)), TypeError, "floating"),
+        (lambda: OPS.swiglu_backward(torch.randn(2, 3), torch.randn(2, 4)), ValueError, r"grad_out must be \[N, H\]"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, error: type[Exception], match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---------------------------------------------------------------- the layer
+
+
+def _layer_pair(shape: tuple[int, ...], **options: object) -> tuple[moe.MoE, moe.MoE]:
+    _, d, h, e, k = shape
+    torch.manual_seed(1)
+    ours = moe.MoE(d, h, e, k, backend="cpp", **options)  # type: ignore[arg-type]
+    ref = moe.MoE(d, h, e, k, backend="reference", **options)  # type: ignore[arg-type]
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"capacity_factor": 0.5}, {"activation": "gelu", "num_shared_experts": 1}],
+    ids=["dropless", "capacity", "gelu_shared"],
+)
+def test_layer_cpp_matches_reference(shape: tuple[int, ...], options: dict) -> None:
+    ours, ref = _layer_pair(shape, **options)
+    x = torch.randn(shape[0], shape[1], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(x_ref)
+    assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close(x.grad, x_ref.grad)
+    for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad is not None and p_ref.grad is not None, name
+        assert_close(p.grad, p_ref.grad)
+
+
+def test_layer_cpp_bf16_close_to_fp32() -> None:
+    ours, ref = _layer_pair((16, 32, 48, 4, 2))
+    x = torch.randn(16, 32)
+    y16 = ours.to(torch.bfloat16)(x.bfloat16())
+    assert_close(y16.float(), ref(x), torch.bfloat16)
+
+
+def test_auto_picks_cpp_on_cpu() -> None:
+    for op in ("sort_by_expert", "permute", "unpermute", "grouped_mm", "swiglu"):
+        assert moe.ops.backends_for(op, torch.device("cpu"))[0] == "cpp"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("moe::permute", "CUDA"):
+        assert "cpp" not in moe.ops.backends_for("permute", torch.device("cuda"))
+
+
+def test_compiled_cpp_layer_fullgraph() -> None:
+    """One graph through the C++ ops (fake kernels + autograd); aot_eager skips codegen time."""
+    torch._dynamo.reset()
+    ours, _ = _layer_pair((9, 16, 32, 4, 2))
+    x = torch.randn(9, 16, requires_grad=True)
+    y = ours(x)
+    y.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    yc = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
+    yc.sum().backward()
+    torch.testing.assert_close(yc, y)
+    torch.testing.assert_close(x.grad, gx)
+
+
+def test_missing_extension_warns_once_and_falls_back() -> None:
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["moe._C"] = None  # what an unbuilt checkout looks like
+        import torch, moe
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer = moe.MoE(8, 16, 4, 2)
+            layer(torch.randn(5, 8)).sum().backward()
+            layer(torch.randn(5, 8))
+        msgs = [str(w.message) for w in caught if "moe._C" in str(w.message)]
+        assert len(msgs) == 1 and "pip install" in msgs[0], msgs
+        assert "cpp" not in moe.ops.backends_for("grouped_mm", torch.device("cpu"))
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
