@@ -177,6 +177,19 @@ def test_unpermute_token_with_many_rows() -> None:
     assert_close(torch.ops.moe.unpermute(y_ND, token_idx_N, w_N, t), reference.unpermute(y_ND, token_idx_N, w_N, t))
 
 
+def test_grid_stride_loops_cover_every_row() -> None:
+    """More rows and tokens than one launch's grid covers, so every kernel loops."""
+    t, n, d = 20000, 2_200_000, 4
+    token_idx_N = torch.randint(0, t, (n,), device=DEV)
+    x_TD, w_N = torch.randn(t, d, device=DEV), torch.rand(n, device=DEV)
+    y_ND = torch.ops.moe.permute(x_TD, token_idx_N)
+    assert torch.equal(y_ND, reference.permute(x_TD, token_idx_N))
+    assert_close(torch.ops.moe.unpermute(y_ND, token_idx_N, w_N, t), reference.unpermute(y_ND, token_idx_N, w_N, t))
+    gy, gw = torch.ops.moe.unpermute_backward(x_TD, y_ND, token_idx_N, w_N)
+    assert_close(gy, x_TD[token_idx_N] * w_N[:, None])
+    assert_close(gw, (y_ND * y_ND).sum(1))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,d,e,k,drop", ROW_CASES, ids=ROW_IDS)
 def test_unpermute_backward_matches_reference_autograd(
