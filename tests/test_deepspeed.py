@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import moe
+from moe.parallel import load_checkpoint
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -159,7 +160,7 @@ def checkpoint_other_ep_size_and_export(rank: int, moe_ds: Any, tmp: Path) -> No
     # export: plain safetensors by global expert id, loads into a model that never saw DeepSpeed.
     moe_ds.export_safetensors(a, tmp / "model.safetensors")
     plain = Net(5)
-    moe.parallel.load_checkpoint(plain, tmp / "model.safetensors")
+    load_checkpoint(plain, tmp / "model.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-6)
     moe_ds.load_safetensors(c, tmp / "model.safetensors")  # and back into an engine at ep_size 1
@@ -290,3 +291,37 @@ def test_import_moe_without_deepspeed_import() -> None:
     code = "import sys, moe; assert 'deepspeed' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_example_trains_with_torchrun(tmp_path: Path) -> None:
+    """examples/deepspeed_train.py under torchrun (2 CPU ranks, gloo): trains, exports, loads without DeepSpeed."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    export = tmp_path / "tiny.safetensors"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    cmd += [str(root / "examples" / "deepspeed_train.py"), "--steps", "12", "--layers", "1", "--dim", "32"]
+    cmd += ["--experts", "4", "--seq-len", "32", "--train-bytes", "100000", "--export", str(export)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "held-out loss" in out.stdout and "ep_size 2" in out.stdout
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_lm", root / "examples" / "tiny_lm.py")
+    assert spec is not None and spec.loader is not None
+    tiny_lm = importlib.util.module_from_spec(spec)
+    sys.modules["tiny_lm"] = tiny_lm  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(tiny_lm)
+        cfg = tiny_lm.TinyLMConfig(dim=32, num_layers=1, num_experts=4, top_k=2, expert_hidden_dim=32, max_seq_len=32)
+        model = tiny_lm.TinyLM(cfg)
+        load_checkpoint(model, export)  # every global expert is in the file
+        logits = model(torch.randint(0, 256, (2, 16)))
+        assert logits.shape == (2, 16, 256) and torch.isfinite(logits).all()
+    finally:
+        sys.modules.pop("tiny_lm", None)
