@@ -109,10 +109,11 @@ def test_cuda_binding_host_code_parses(tmp_path: Path) -> None:
     if not found:
         pytest.skip(f"no include/cuda_runtime.h under any of {homes}")
     cuda_include = found[0]
-    # A CUDA torch ships this generated header; a CPU-only torch does not.
-    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#pragma once\n")
+    # A CUDA torch ships this generated header; a CPU-only torch does not: stub it there.
+    generated = Path("c10") / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not any((Path(p) / generated).is_file() for p in include_paths()):
+        (tmp_path / generated).parent.mkdir(parents=True)
+        (tmp_path / generated).write_text("#pragma once\n")
     includes = [str(tmp_path), *include_paths(), str(cuda_include), sysconfig.get_paths()["include"]]
     # C++20: the standard torch's extension build uses for current torch headers.
     cmd = [
