@@ -45,7 +45,10 @@ def _python_registrations() -> None:
     import moe.ops
 
     for info in pkgutil.iter_modules(moe.ops.__path__):
-        importlib.import_module(f"moe.ops.{info.name}")
+        try:
+            importlib.import_module(f"moe.ops.{info.name}")
+        except ImportError:  # an optional backend whose dependency is missing registers nothing
+            pass
 
 
 def _routing(t: int, k: int, e: int, drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
