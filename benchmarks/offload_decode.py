@@ -204,10 +204,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     log = print if args.verbose else (lambda *a, **k: None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = os.path.join(tmp, "random-mixtral")
-        start = time.perf_counter()
-        build_model(model_dir, spec, args.seed)
-        log(f"built + saved {spec} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        model_dir = args.model_dir or os.path.join(tmp, "random-mixtral")
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            start = time.perf_counter()
+            build_model(model_dir, spec, args.seed)
+            log(f"built + saved {spec} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         gen = torch.Generator().manual_seed(args.seed)
         prompt_1P = torch.randint(0, spec.vocab, (1, args.prompt_len), generator=gen).to(device)
         budgets = [(RESIDENT, spec.total_expert_bytes)] + [(p, cache_bytes) for p in args.policies]
@@ -305,7 +306,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="tiny fp32 model (CPU smoke test)")
     p.add_argument("--tokens", type=int, default=64, help="timed decode steps per repeat")
-    p.add_argument("--warmup", type=int, default=8, help="untimed decode steps after loading")
+    p.add_argument(
+        "--warmup", type=int, help="untimed decode steps after loading (default --tokens: every KV length is seen once)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed decodes per candidate (median)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--cache-frac", type=float, default=0.25, help="expert cache as a fraction of all experts")
@@ -314,10 +317,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lookahead", type=int, default=1)
     p.add_argument("--bw-repeats", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-dir", help="keep the random model here (built if it has no config.json; reused after)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--csv", action="store_true", help="write bench_out/offload_decode.csv")
     p.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     args = p.parse_args(argv)
+    if args.warmup is None:  # cuDNN attention plans are per KV length: warm them all up, or the first run pays
+        args.warmup = args.tokens
     if args.tokens < 1 or args.repeats < 1 or args.warmup < 0 or args.prompt_len < 1 or args.bw_repeats < 1:
         p.error("--tokens, --repeats, --prompt-len and --bw-repeats must be >= 1, --warmup >= 0")
     return args

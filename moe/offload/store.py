@@ -110,10 +110,15 @@ class ExpertStore:
     # ---- device tier ----
     def fetch(self, key: Key) -> DeviceEntry:
         """Starts an asynchronous copy of key to the device; returns its entry at once."""
-        flat = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, device=self.device)
+        if self.copy_stream is not None:
+            # Allocated on the copy stream, so the copy never writes a block that queued compute still reads
+            # (an evicted expert's); ready() records each compute-stream use before the block can be reused.
+            with torch.cuda.stream(self.copy_stream):
+                flat = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, device=self.device)
+        else:
+            flat = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, device=self.device)
         entry = DeviceEntry(flat)
         if self.copy_stream is not None:
-            flat.record_stream(self.copy_stream)
             entry.event = torch.cuda.Event()
             stream, event = self.copy_stream, entry.event
 
@@ -142,6 +147,8 @@ class ExpertStore:
         if entry.event is not None:
             torch.cuda.current_stream(self.device).wait_event(entry.event)
             entry.event = None
+        if self.copy_stream is not None:
+            entry.flat.record_stream(torch.cuda.current_stream(self.device))
         return self.shapes[key[0]].views(entry.flat)
 
     def drop(self, key: Key) -> None:
