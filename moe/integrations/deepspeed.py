@@ -116,6 +116,13 @@ def _ensure_distributed() -> None:
         deepspeed.init_distributed()
 
 
+def _comm_device(group: Any = None) -> torch.device:
+    """Where collective tensors must live: the accelerator for NCCL-like backends, else the CPU."""
+    if "nccl" in str(dist.get_backend(group)) or "hccl" in str(dist.get_backend(group)):
+        return torch.device(deepspeed.get_accelerator().current_device_name())
+    return torch.device("cpu")
+
+
 def _expert_groups(ep_size: int, data_before_expert: bool) -> Any:
     """DeepSpeed's expert-parallel group for ep_size (created on first use, like its own MoE layers)."""
     name = f"ep_size_{ep_size}"
@@ -210,9 +217,11 @@ def _shard(layer: MoE, group: Any, plan: Any, planner_config: Any, sync_weights:
     full = layer.experts
     w_in, w_out = full.w_in.detach(), full.w_out.detach()
     if sync_weights:
-        w_in, w_out = w_in.clone(), w_out.clone()
+        device = _comm_device()
+        w_in, w_out = w_in.to(device, copy=True), w_out.to(device, copy=True)
         dist.broadcast(w_in, src=0)
         dist.broadcast(w_out, src=0)
+        w_in, w_out = w_in.to(full.w_in.device), w_out.to(full.w_out.device)
     parallel = ExpertParallel(layer.config, group, plan, planner_config)
     parallel.experts.to(device=w_in.device, dtype=w_in.dtype)
     parallel.experts.load_global(w_in, w_out)
@@ -356,7 +365,8 @@ def _check_distinct(name: str, layer: DeepSpeedMoE) -> None:
     experts: Any = layer.experts
     stored = experts.stored
     w = torch.cat([layer.experts.w_in.detach().double().flatten(), layer.experts.w_out.detach().double().flatten()])
-    mine = torch.tensor([float(stored.first_expert), float(stored.num_experts), float(w.sum()), float((w * w).sum())])
+    values = [float(stored.first_expert), float(stored.num_experts), float(w.sum()), float((w * w).sum())]
+    mine = torch.tensor(values, dtype=torch.float64, device=_comm_device(group))
     world = dist.get_world_size(group)
     everyone = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
