@@ -41,7 +41,8 @@ DEV = "cuda"
 
 @pytest.fixture(autouse=True, scope="module")
 def _python_registrations() -> None:
-    """Imports every moe.ops module so the Python-side fake / autograd registrations exist."""
+    """Imports every moe.ops backend and asks each where it runs, which loads moe._C's Python-side
+    fake / autograd registrations (backend "cpp" registers them on its first availability check)."""
     import moe.ops
 
     for info in pkgutil.iter_modules(moe.ops.__path__):
@@ -49,6 +50,8 @@ def _python_registrations() -> None:
             importlib.import_module(f"moe.ops.{info.name}")
         except ImportError:  # an optional backend whose dependency is missing registers nothing
             pass
+    for op in moe.ops.registry.OPS:
+        moe.ops.backends_for(op, torch.device(DEV))
 
 
 def _routing(t: int, k: int, e: int, drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
