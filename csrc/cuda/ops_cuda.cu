@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <tuple>
 
 #include "../common.h"
 #include "kernels.cuh"
@@ -122,7 +123,8 @@ at::Tensor combine_cuda(const at::Tensor& y, const at::Tensor& token_idx, const 
   const cudaStream_t stream = current_stream();
   auto keys = at::empty({n}, idx.options().dtype(at::kInt));
   C10_CUDA_CHECK(gpu::token_keys(idx.const_data_ptr<int64_t>(), n, num_tokens, keys.mutable_data_ptr<int32_t>(), stream));
-  auto [sorted, rows] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor sorted, rows;  // not a structured binding: C++17 lambdas cannot capture those
+  std::tie(sorted, rows) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   auto start = at::empty({num_tokens + 1}, idx.options());
   C10_CUDA_CHECK(gpu::segment_starts(sorted.const_data_ptr<int32_t>(), n, num_tokens, start.mutable_data_ptr<int64_t>(),
                                      stream));
