@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 examples/deepspeed_train.py            # 2 ranks (CPU: gloo), ep_size 2
     torchrun --nproc_per_node 2 examples/deepspeed_train.py       # the same with torchrun
     deepspeed --num_gpus 2 examples/deepspeed_train.py --steps 300 --experts 16 --save-dir ckpt
+    torchrun --nproc_per_node 2 examples/deepspeed_train.py --ep-size 1 --resume ckpt --weights-only
 
 Defaults (2 layers, 8 experts, 200 steps) finish in about a minute on 2 CPU cores. Settings
 are in examples/ds_config.json (AdamW via torch_adam, so nothing is JIT-compiled; on GPUs
@@ -53,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-dir", default=None, help="engine.save_checkpoint directory (off by default)")
     p.add_argument("--export", default=None, help="write the trained model to this .safetensors file")
+    p.add_argument("--resume", default=None, help="engine.load_checkpoint directory to start from")
+    p.add_argument(
+        "--weights-only", action="store_true", help="with --resume: module weights only (another EP or world size)"
+    )
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
@@ -79,6 +84,14 @@ def main(argv: list[str] | None = None) -> float:
     model = TinyLM(cfg)
     engine, _, _, _ = moe_ds.initialize(model, args.config, ep_size=args.ep_size)
     batch_size = engine.train_micro_batch_size_per_gpu()
+    if args.resume:  # experts are stored by global id, so --weights-only loads at any ep_size
+        path, _ = engine.load_checkpoint(
+            args.resume, load_optimizer_states=not args.weights_only, load_module_only=args.weights_only
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint (with a 'latest' file) under {args.resume}")
+        if rank == 0:
+            print(f"resumed from {path}", flush=True)
     if rank == 0:
         params = sum(p.numel() for p in engine.module.parameters())
         print(
