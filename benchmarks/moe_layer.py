@@ -36,6 +36,7 @@ import csv
 import os
 import socket
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -362,7 +363,14 @@ def _step_fns(c: Candidate, x: torch.Tensor, dy: torch.Tensor) -> tuple[Callable
 
 
 def measure(
-    cands: list[Candidate], floor: GemmFloor, x: torch.Tensor, dy: torch.Tensor, reps: int, warmup: int, clock: Clock
+    cands: list[Candidate],
+    floor: GemmFloor,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    reps: int,
+    warmup: int,
+    clock: Clock,
+    progress: bool = False,
 ) -> tuple[list[float], list[float]]:
     """Fills each candidate's fwd_s / fwd_bwd_s; returns the floor's (fwd, fwd+bwd) samples."""
     floor_fwd: list[float] = []
@@ -382,6 +390,8 @@ def measure(
             _clear_grads(c.params, x)
             tfb = clock.time(fwd_bwd)
             _clear_grads(c.params, x)
+            if progress:
+                print(f"  rep {rep + 1}/{warmup + reps} {c.name}: {1e3 * tf:.0f} / {1e3 * tfb:.0f} ms", file=sys.stderr)
             if rep >= warmup:
                 c.fwd_s.append(tf)
                 c.fwd_bwd_s.append(tfb)
@@ -426,15 +436,23 @@ def check_outputs(cands: list[Candidate], x: torch.Tensor) -> None:
 
 
 def run_config(
-    shape: Shape, dtype: torch.dtype, device: torch.device, reps: int, warmup: int
+    shape: Shape,
+    dtype: torch.dtype,
+    device: torch.device,
+    reps: int,
+    warmup: int,
+    skip: tuple[str, ...] = (),
+    progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     torch.manual_seed(1)
     x = torch.randn(1, shape.tokens, shape.dim, device=device, dtype=dtype).requires_grad_(True)
     dy = torch.randn(1, shape.tokens, shape.dim, device=device, dtype=dtype)
     cands, skipped = build(shape, x.detach(), dtype, device)
     check_outputs(cands, x.detach())
+    skipped += [f"{c.name}: --skip" for c in cands if c.name.startswith(skip)]
+    cands = [c for c in cands if not c.name.startswith(skip)]
     floor = GemmFloor(shape, dtype, device)
-    floor_fwd, floor_fb = measure(cands, floor, x, dy, reps, warmup, Clock(device))
+    floor_fwd, floor_fb = measure(cands, floor, x, dy, reps, warmup, Clock(device), progress)
     f_fwd, f_fb = statistics.median(floor_fwd), statistics.median(floor_fb)
     rows = []
     for c in cands:
@@ -540,6 +558,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--progress", action="store_true", help="print each timing to stderr as it is taken")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated candidate name prefixes not to time, e.g. 'hf_mixtral[eager],ours[ref'",
+    )
     parser.add_argument("--csv", default="bench_out/moe_layer.csv", help="'' = no CSV")
     parser.add_argument("--png", default="bench_out/moe_layer.png", help="'' = no plot")
     args = parser.parse_args(argv)
@@ -556,7 +580,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name in names:
         shape = table[name]
-        config_rows, skipped = run_config(shape, dtype, device, args.reps, args.warmup)
+        skip = tuple(p for p in args.skip.split(",") if p)
+        config_rows, skipped = run_config(shape, dtype, device, args.reps, args.warmup, skip, args.progress)
         print_table(shape, config_rows, skipped, header)
         rows += config_rows
     if args.csv:
