@@ -16,9 +16,10 @@ count (LoRA experts + routers) is the budget. DynMoLE uses the same allocation w
 Tsallis-entropy hybrid router. Plain LoRA gets the rank whose count is nearest that budget
 (rank 42 at the defaults: 5 experts x rank 8 on average, plus ~6% for the routers). "mos" is
 Mixture of Shards at rank 64 with its shard pools sized to the same budget; "mos/8" is MoS at
-the LoRA rank with the default 8x compression (a quarter of the budget's LoRA-equivalent).
+the LoRA rank with the default 8x compression (about 1/8 of the budget).
 
-    python examples/lora_finetune.py                 # defaults: ~5 min on 2 idle cores
+    python examples/lora_finetune.py                 # 300 + 5 x 150 steps, 1 thread
+    python examples/lora_finetune.py --variants lora,mola,dynmole --steps 100 --pretrain-steps 200   # quicker
     python examples/lora_finetune.py --steps 600 --pretrain-steps 400 --variants lora,mola
 """
 
@@ -219,7 +220,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (more than the idle cores is many times slower)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
