@@ -1,48 +1,79 @@
-// grouped_mm and its weight gradient: one at::mm (BLAS on CPU, cuBLAS on CUDA) per contiguous
-// expert segment, written straight into the output (no zero-fill except the padding tail).
+// grouped_mm and its weight gradient: at::mm (BLAS on CPU, cuBLAS on CUDA) over contiguous
+// expert segments, written straight into the output (no zero-fill except the padding tail).
 // The same code serves CPU and CUDA; on CUDA the counts are read on the host (one sync).
+//
+// On CPU with several threads, each thread owns one column block of every expert's output and
+// runs single-threaded GEMMs over it: per-expert GEMMs are small (a few hundred rows), and
+// splitting them across threads inside BLAS costs packing and synchronisation per call; a
+// column split is balanced whatever the routing and each weight block is packed once.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common.h"
 
 namespace moe {
+namespace {
+
+constexpr int64_t kMinBlockCols = 64;  // narrower column blocks lose more to packing than they gain
+
+// Calls body(c0, c1) over column blocks [c0, c1) of [0, cols): one block per thread on CPU,
+// the whole range (BLAS threads it) on CUDA, with one thread, or when the split is too fine.
+template <typename F>
+void for_column_blocks(bool on_cpu, int64_t cols, const F& body) {
+  const int64_t blocks = on_cpu && !at::in_parallel_region()
+                             ? std::min<int64_t>(at::get_num_threads(), cols / kMinBlockCols)
+                             : 1;
+  if (blocks <= 1) return body(0, cols);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) body(cols * b / blocks, cols * (b + 1) / blocks);
+  });
+}
+
+}  // namespace
 
 at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& counts) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 3, "x must be [M, K] and w [E, K, N], got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 3, "x must be [M, K] and w [E, K, N], got ", x.sizes(), " and ",
+                    w.sizes());
   TORCH_CHECK_VALUE(w.size(1) == x.size(1), "x has K = ", x.size(1), " columns but w has K = ", w.size(1));
   TORCH_CHECK_VALUE(counts.numel() == w.size(0), "counts has ", counts.numel(), " experts but w has ", w.size(0));
   TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), "x is ", x.scalar_type(), " but w is ", w.scalar_type());
   const auto ends = segment_ends(counts, x.size(0));
   auto y = at::empty({x.size(0), w.size(2)}, x.options());
-  int64_t start = 0;
-  for (int64_t e = 0; e < w.size(0); ++e) {
-    if (ends[e] > start) {
-      auto y_e = y.narrow(0, start, ends[e] - start);
-      at::mm_out(y_e, x.narrow(0, start, ends[e] - start), w[e]);
+  for_column_blocks(x.is_cpu(), w.size(2), [&](int64_t c0, int64_t c1) {
+    int64_t start = 0;
+    for (int64_t e = 0; e < w.size(0); ++e) {
+      if (ends[e] > start) {
+        auto y_e = y.narrow(0, start, ends[e] - start).narrow(1, c0, c1 - c0);
+        at::mm_out(y_e, x.narrow(0, start, ends[e] - start), w[e].narrow(1, c0, c1 - c0));
+      }
+      start = ends[e];
     }
-    start = ends[e];
-  }
-  if (start < x.size(0)) y.narrow(0, start, x.size(0) - start).zero_();
+  });
+  const int64_t used = ends.empty() ? 0 : ends.back();
+  if (used < x.size(0)) y.narrow(0, used, x.size(0) - used).zero_();
   return y;
 }
 
 at::Tensor grouped_mm_wgrad_impl(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& counts) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && dy.dim() == 2 && x.size(0) == dy.size(0), "x [M, K] and dy [M, N] must share M, got ",
-              x.sizes(), " and ", dy.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2 && dy.dim() == 2 && x.size(0) == dy.size(0),
+                    "x [M, K] and dy [M, N] must share M, got ", x.sizes(), " and ", dy.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == dy.scalar_type(), "x is ", x.scalar_type(), " but dy is ", dy.scalar_type());
   const auto ends = segment_ends(counts, x.size(0));
   auto dw = at::empty({counts.numel(), x.size(1), dy.size(1)}, x.options());
-  int64_t start = 0;
-  for (int64_t e = 0; e < counts.numel(); ++e) {
-    auto dw_e = dw[e];
-    if (ends[e] > start) {
-      at::mm_out(dw_e, x.narrow(0, start, ends[e] - start).t(), dy.narrow(0, start, ends[e] - start));
-    } else {
-      dw_e.zero_();
+  for_column_blocks(x.is_cpu(), dy.size(1), [&](int64_t c0, int64_t c1) {
+    int64_t start = 0;
+    for (int64_t e = 0; e < counts.numel(); ++e) {
+      auto dw_e = dw[e].narrow(1, c0, c1 - c0);
+      if (ends[e] > start) {
+        at::mm_out(dw_e, x.narrow(0, start, ends[e] - start).t(),
+                   dy.narrow(0, start, ends[e] - start).narrow(1, c0, c1 - c0));
+      } else {
+        dw_e.zero_();
+      }
+      start = ends[e];
     }
-    start = ends[e];
-  }
+  });
   return dw;
 }
 

@@ -154,6 +154,17 @@ def test_grouped_mm_forward_and_gradients(dtype: torch.dtype, counts: list[int],
     assert_close(w.grad, w_ref.grad)
 
 
+@pytest.mark.parametrize("n", [130, 257])
+def test_grouped_mm_column_split_across_threads(n: int) -> None:
+    """With 2 threads each thread owns a column block of every expert (blocks of >= 64 columns)."""
+    torch.set_num_threads(2)
+    x, w, c = _grouped_inputs([5, 0, 9, 2], 3, 70, n, torch.float32)
+    dy = torch.randn(x.shape[0], n)
+    assert_close(cpp.grouped_mm(x, w, c), reference.grouped_mm(x, w, c))
+    assert_close(OPS.grouped_mm(dy, w.transpose(1, 2), c), reference.grouped_mm(dy, w.transpose(1, 2), c))
+    assert_close(OPS.grouped_mm_wgrad(x, dy, c), reference.grouped_mm_wgrad(x, dy, c))
+
+
 def test_grouped_mm_wgrad_matches_reference() -> None:
     x, _, c = _grouped_inputs([4, 0, 6], 2, 9, 1, torch.float32)
     dy = torch.randn(x.shape[0], 5)
