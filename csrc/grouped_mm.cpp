@@ -8,6 +8,7 @@
 // column split is balanced whatever the routing and each weight block is packed once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -25,7 +26,11 @@ void for_column_blocks(bool on_cpu, int64_t cols, const F& body) {
                              ? std::min<int64_t>(at::get_num_threads(), cols / kMinBlockCols)
                              : 1;
   if (blocks <= 1) return body(0, cols);
+  // Worker threads do not inherit the caller's dispatch state (autograd is excluded below the
+  // op's autograd kernel): without it at::mm_out would refuse inputs that require grad.
+  const at::ThreadLocalState state;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard guard(state);
     for (int64_t b = b0; b < b1; ++b) body(cols * b / blocks, cols * (b + 1) / blocks);
   });
 }

@@ -1,6 +1,6 @@
 """The one place where an op's backend is chosen.
 
-Each op (sort_by_expert, permute, unpermute, grouped_mm) has implementations registered per
+Each op (sort_by_expert, permute, unpermute, grouped_mm, swiglu) has implementations registered per
 backend. Layers pass their `backend` setting through; "auto" takes the first available
 backend in the device's priority order. Registration happens when a backend module is
 imported (a static table, like torch.library itself), never at layer construction.
