@@ -18,7 +18,7 @@ Tsallis-entropy hybrid router. Plain LoRA gets the rank whose count is nearest t
 Mixture of Shards at rank 64 with its shard pools sized to the same budget; "mos/8" is MoS at
 the LoRA rank with the default 8x compression (about 1/8 of the budget).
 
-    python examples/lora_finetune.py                 # 300 + 5 x 150 steps, 1 thread
+    python examples/lora_finetune.py                 # 300 + 5 x 150 steps, 1 thread: ~4 min on 2 quiet cores
     python examples/lora_finetune.py --variants lora,mola,dynmole --steps 100 --pretrain-steps 200   # quicker
     python examples/lora_finetune.py --steps 600 --pretrain-steps 400 --variants lora,mola
 """
