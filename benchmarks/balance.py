@@ -6,7 +6,8 @@ seeds), with MaxVio ratios against the aux-loss-1e-3 baseline and loss deltas.
 
 MaxVio = (max_i load_i - mean load) / mean load, per MoE layer, averaged over layers and over
 the last --maxvio-window training steps ("train MaxVio"); "held-out MaxVio" is the same on
-the held-out batches in eval mode.
+the held-out batches in eval mode. aux_free scores with a sigmoid (DeepSeek-V3); aux_free_softmax
+uses the softmax scores of the aux-loss routers, so that only the balancing method differs.
 
     python benchmarks/balance.py            # default: 16 experts, top-2, 1000 steps, 2 seeds
     python benchmarks/balance.py --quick    # ~2 min smoke run
@@ -45,12 +46,14 @@ class RouterSpec:
 
 
 def router_specs(bias_update_rate: float = 1e-3, recurrent_dim: int = 64) -> list[RouterSpec]:
-    """The compared routers: no balancing, aux loss 1e-3 and 1e-2, aux-free, recurrent."""
+    """The compared routers: no balancing, aux loss 1e-3 and 1e-2, aux-free (sigmoid and softmax scores), recurrent."""
     return [
         RouterSpec("none", "topk", {"aux_loss_coef": 0.0}),
         RouterSpec("aux_1e-3", "topk", {"aux_loss_coef": 1e-3}),
         RouterSpec("aux_1e-2", "topk", {"aux_loss_coef": 1e-2}),
         RouterSpec("aux_free", "aux_free", {"score_func": "sigmoid", "bias_update_rate": bias_update_rate}),
+        # the same balancing with the aux-loss routers' softmax scores: only the balancing method differs
+        RouterSpec("aux_free_softmax", "aux_free", {"score_func": "softmax", "bias_update_rate": bias_update_rate}),
         RouterSpec("recurrent", "recurrent", {"recurrent_dim": recurrent_dim, "aux_loss_coef": 1e-2}),
     ]
 
@@ -173,7 +176,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1000; --quick 300)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per router (default 2; --quick 1)")
     p.add_argument(
-        "--routers", default=None, help="comma-separated subset of: none,aux_1e-3,aux_1e-2,aux_free,recurrent"
+        "--routers",
+        default=None,
+        help="comma-separated subset of: none,aux_1e-3,aux_1e-2,aux_free,aux_free_softmax,recurrent",
     )
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2)
