@@ -23,7 +23,8 @@ A peer that cannot be imported or built is skipped with the reason printed.
 
 Each repetition runs every candidate once (round-robin, starting one later each repetition),
 first the forward alone (no_grad), then forward + backward of a fixed upstream gradient.
-Times are medians after warm-up; "x floor" divides by the floor's median. max|diff| compares
+Times are medians after warm-up; "x floor" divides by the floor's median; "paired" is the
+median of per-repetition ratios to the floor (steadier on a shared, drifting machine). max|diff| compares
 the output with ours[reference] where the same function is computed (for capacity-based
 peers: over the tokens none of whose copies was dropped).
 """
@@ -381,6 +382,10 @@ def measure(
         for c in entries[shift:] + entries[:shift]:
             if c is None:
                 tf, tfb = clock.time(floor.forward), clock.time(floor.forward_backward)
+                if progress:
+                    print(
+                        f"  rep {rep + 1}/{warmup + reps} floor: {1e3 * tf:.0f} / {1e3 * tfb:.0f} ms", file=sys.stderr
+                    )
                 if rep >= warmup:
                     floor_fwd.append(tf)
                     floor_fb.append(tfb)
@@ -470,8 +475,13 @@ def run_config(
     rows = []
     for c in cands:
         fwd, fb = statistics.median(c.fwd_s), statistics.median(c.fwd_bwd_s)
-        rows.append(_row(shape, c.name, fwd, fb, f_fwd, f_fb, c.dropped, c.diff, c.note))
-    rows.append(_row(shape, "floor", f_fwd, f_fb, f_fwd, f_fb, None, None, "GEMMs only"))
+        row = _row(shape, c.name, fwd, fb, f_fwd, f_fb, c.dropped, c.diff, c.note)
+        # Ratio to the floor of the same repetition, then the median: steadier when the load drifts.
+        row["fwd_bwd_x_floor_paired"] = statistics.median(t / f for t, f in zip(c.fwd_bwd_s, floor_fb, strict=True))
+        rows.append(row)
+    floor_row = _row(shape, "floor", f_fwd, f_fb, f_fwd, f_fb, None, None, "GEMMs only")
+    floor_row["fwd_bwd_x_floor_paired"] = 1.0
+    rows.append(floor_row)
     return rows, skipped
 
 
@@ -507,23 +517,26 @@ def print_table(shape: Shape, rows: list[dict[str, Any]], skipped: list[str], he
         f"SwiGLU; {header}"
     )
     print(
-        f"{'candidate':<24} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x fl':>9} {'f+b x fl':>9} {'GFLOP/s':>8} "
-        f"{'dropped':>12} {'max|diff|':>10}  note"
+        f"{'candidate':<24} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x fl':>9} {'f+b x fl':>9} {'paired':>7} "
+        f"{'GFLOP/s':>8} {'dropped':>12} {'max|diff|':>10}  note"
     )
     for r in rows:
         dropped = "" if r["dropped"] == "" else f"{r['dropped']}/{copies}"
         diff = "" if r["max_abs_diff"] == "" else f"{r['max_abs_diff']:.1e}"
         print(
             f"{r['candidate']:<24} {r['fwd_ms']:>9.1f} {r['fwd_bwd_ms']:>11.1f} {r['fwd_x_floor']:>9.2f} "
-            f"{r['fwd_bwd_x_floor']:>9.2f} {r['fwd_bwd_gflops']:>8.1f} {dropped:>12} {diff:>10}  {r['note']}"
+            f"{r['fwd_bwd_x_floor']:>9.2f} {r['fwd_bwd_x_floor_paired']:>7.2f} {r['fwd_bwd_gflops']:>8.1f} "
+            f"{dropped:>12} {diff:>10}  {r['note']}"
         )
     for s in skipped:
         print(f"skipped {s}")
+    print("paired: median over repetitions of fwd+bwd / floor's fwd+bwd in the same repetition")
     if any(r["dropped"] != "" for r in rows):
         print(
             f"note: capacity-based peers (capacity factor {CAPACITY_FACTOR}) drop token copies and compute less; "
             "ours is dropless. Their max|diff| is over tokens with no dropped copy."
         )
+    sys.stdout.flush()
 
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
