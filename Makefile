@@ -5,6 +5,8 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
+# DeepSpeed (a test dependency) installs without compiling its ops; tests never JIT-build them.
+export DS_BUILD_OPS ?= 0
 LINT_PATHS := $(wildcard moe kernels tests benchmarks examples)
 
 .PHONY: venv test demo lint bench gpu clean

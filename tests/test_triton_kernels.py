@@ -237,7 +237,7 @@ def test_registry_backend() -> None:
 
 
 def test_import_moe_imports_no_triton() -> None:
-    code = "import sys, moe, moe.layer; assert 'triton' not in sys.modules and 'moe.kernels.ops' not in sys.modules"
+    code = "import sys, moe, moe.layer; assert not {'triton', 'torch._dynamo', 'moe.kernels.ops'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -39,6 +39,14 @@ _NEEDS = {
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+def _constant_under_compile(fn: Callable[..., bool]) -> Callable[..., bool]:
+    """torch.compiler.assume_constant_result without its import of torch._dynamo, which imports
+    triton and costs ~1.5 s at `import moe`; the public decorator only sets this attribute.
+    test_compiled_cpp_layer_fullgraph breaks (graph break) if a torch release renames it."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 @functools.cache
 def _load() -> bool:
     """Imports moe._C and registers the Python side once; False (and one warning) if not built."""
@@ -56,7 +64,7 @@ def _load() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def loaded() -> bool:
     """Whether the extension is importable (loads it on the first call; a constant under torch.compile)."""
     return _load()
@@ -71,7 +79,7 @@ def _has_kernels(op: str, device_type: str) -> bool:
 
 
 def _available(op: str) -> Callable[[torch.device], bool]:
-    @torch.compiler.assume_constant_result
+    @_constant_under_compile
     def check(device: torch.device) -> bool:
         return _load() and _has_kernels(op, device.type)
 
