@@ -102,3 +102,17 @@ def test_layer_with_backend_torch_matches_reference_layer() -> None:
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert "torch" in ops.backends_for("grouped_mm", torch.device("cpu"))
+
+
+def test_partial_backends_never_hand_an_op_to_each_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA without moe._C both triton and torch lack permute; each delegated to the other
+    (RecursionError). Reproduced on CPU by giving CPU CUDA's priority order without cpp."""
+    from moe.ops import registry, triton  # noqa: F401  (registers the triton backend)
+
+    monkeypatch.setitem(registry.AUTO_PRIORITY, "cpu", ("triton", "torch", "reference"))
+    x, idx, wts = torch.randn(5, 4), torch.tensor([3, 0, 4, 1]), torch.rand(4)
+    for backend in ("triton", "torch"):
+        torch.testing.assert_close(ops.permute(x, idx, backend), x[idx])
+        torch.testing.assert_close(
+            ops.unpermute(x[idx], idx, wts, 5, backend), reference.unpermute(x[idx], idx, wts, 5)
+        )

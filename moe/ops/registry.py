@@ -22,6 +22,7 @@ AUTO_PRIORITY = {
 }
 
 _IMPLS: dict[tuple[str, str], tuple[Callable[..., Any], Callable[[torch.device], bool]]] = {}
+_DELEGATES: set[tuple[str, str]] = set()
 
 
 def register(
@@ -31,6 +32,23 @@ def register(
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {OPS}")
     _IMPLS[(op, backend)] = (fn, available)
+    _DELEGATES.discard((op, backend))
+
+
+def register_delegate(op: str, backend: str, available: Callable[[torch.device], bool]) -> None:
+    """Lets `backend` run `op` by handing it to the fastest backend with its own implementation.
+
+    For backends that provide only some ops (Triton and torch._grouped_mm provide grouped_mm),
+    so that backend="triton" works for a whole layer. Delegates never hand an op to another
+    delegate, so two partial backends cannot bounce an op between them.
+    """
+
+    def run(first: torch.Tensor, *args: Any) -> Any:
+        own = [b for b in backends_for(op, first.device) if (op, b) not in _DELEGATES]
+        return _IMPLS[(op, own[0] if own else "reference")][0](first, *args)
+
+    register(op, backend, run, available)
+    _DELEGATES.add((op, backend))
 
 
 def backends_for(op: str, device: torch.device) -> list[str]:

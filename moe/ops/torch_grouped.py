@@ -15,9 +15,6 @@ backend="torch" they run on the fastest other backend, so a layer can be built w
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
 from moe import reference
@@ -120,16 +117,8 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) 
     return _grouped_mm(x_MK, w_EKN, counts_E)
 
 
-def _delegate(op: str) -> Callable[..., Any]:
-    """`op` on the first other backend available for the input's device."""
-
-    def run(first: torch.Tensor, *args: Any) -> Any:
-        others = [b for b in registry.backends_for(op, first.device) if b != NAME]
-        return registry.resolve(op, others[0] if others else "reference", first.device)(first, *args)
-
-    return run
-
 
 registry.register("grouped_mm", NAME, grouped_mm, available)
-for _op in ("sort_by_expert", "permute", "unpermute"):
-    registry.register(_op, NAME, _delegate(_op), available)
+for _op in registry.OPS:
+    if _op != "grouped_mm":
+        registry.register_delegate(_op, NAME, available)

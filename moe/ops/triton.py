@@ -17,10 +17,8 @@ import functools
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,15 +71,6 @@ def _grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor)
     return kernel_ops().grouped_mm(x_MK, w_EKN, counts_E)
 
 
-def _delegate(op: str) -> Callable[..., Any]:
-    """`op` on the first non-Triton backend available for the input's device."""
-
-    def run(first: torch.Tensor, *args: Any) -> Any:
-        others = [b for b in registry.backends_for(op, first.device) if b != NAME]
-        return registry.resolve(op, others[0] if others else "reference", first.device)(first, *args)
-
-    return run
-
 
 def expert_mlp(
     x_TD: torch.Tensor,
@@ -123,4 +112,4 @@ def expert_mlp(
 registry.register("grouped_mm", NAME, _grouped_mm, available)
 for _op in registry.OPS:
     if _op != "grouped_mm":
-        registry.register(_op, NAME, _delegate(_op), available)
+        registry.register_delegate(_op, NAME, available)
