@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.layer import MoE
+from moe.parallel.comm import collective_device
 
 try:
     import deepspeed
@@ -114,13 +115,6 @@ def _expert_params(layer: MoE) -> list[nn.Parameter]:
 def _ensure_distributed() -> None:
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
-
-
-def _comm_device(group: Any = None) -> torch.device:
-    """Where collective tensors must live: the accelerator for NCCL-like backends, else the CPU."""
-    if "nccl" in str(dist.get_backend(group)) or "hccl" in str(dist.get_backend(group)):
-        return torch.device(deepspeed.get_accelerator().current_device_name())
-    return torch.device("cpu")
 
 
 def _expert_groups(ep_size: int, data_before_expert: bool) -> Any:
@@ -217,7 +211,7 @@ def _shard(layer: MoE, group: Any, plan: Any, planner_config: Any, sync_weights:
     full = layer.experts
     w_in, w_out = full.w_in.detach(), full.w_out.detach()
     if sync_weights:
-        device = _comm_device()
+        device = collective_device()
         w_in, w_out = w_in.to(device, copy=True), w_out.to(device, copy=True)
         dist.broadcast(w_in, src=0)
         dist.broadcast(w_out, src=0)
@@ -366,7 +360,7 @@ def _check_distinct(name: str, layer: DeepSpeedMoE) -> None:
     stored = experts.stored
     w = torch.cat([layer.experts.w_in.detach().double().flatten(), layer.experts.w_out.detach().double().flatten()])
     values = [float(stored.first_expert), float(stored.num_experts), float(w.sum()), float((w * w).sum())]
-    mine = torch.tensor(values, dtype=torch.float64, device=_comm_device(group))
+    mine = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
     world = dist.get_world_size(group)
     everyone = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)

@@ -117,7 +117,6 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) 
     return _grouped_mm(x_MK, w_EKN, counts_E)
 
 
-
 registry.register("grouped_mm", NAME, grouped_mm, available)
 for _op in registry.OPS:
     if _op != "grouped_mm":

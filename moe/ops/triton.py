@@ -71,7 +71,6 @@ def _grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor)
     return kernel_ops().grouped_mm(x_MK, w_EKN, counts_E)
 
 
-
 def expert_mlp(
     x_TD: torch.Tensor,
     w_in_EDF: torch.Tensor,

@@ -99,6 +99,17 @@ def all_to_all(
     return wait_all_to_all(*start_all_to_all(x_ND, in_splits, out_splits, group))
 
 
+def collective_device(group: Any = None) -> torch.device:
+    """Where a collective's small bookkeeping tensors must live: the current accelerator for
+    NCCL-like backends (they reject CPU tensors), the CPU for gloo and MPI."""
+    backend = str(dist.get_backend(group))
+    if any(name in backend for name in ("nccl", "hccl", "xccl")):
+        accelerator = torch.accelerator.current_accelerator()
+        if accelerator is not None:
+            return torch.device(accelerator.type, torch.get_device_module(accelerator.type).current_device())
+    return torch.device("cpu")
+
+
 def exchange_counts(counts_WC: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Row w of counts_WC [W, C] (int64) goes to rank w; returns [W, C], row s from rank s."""
     out = torch.empty_like(counts_WC)
@@ -159,11 +170,11 @@ def check_same_config(fingerprint: dict[str, int], group: Any = None, what: str 
         fingerprint: integer fields that must agree across ranks, e.g. num_experts, dim.
     """
     names = sorted(fingerprint)
-    mine = torch.tensor([int(fingerprint[n]) for n in names], dtype=torch.int64)
+    mine = torch.tensor([int(fingerprint[n]) for n in names], dtype=torch.int64, device=collective_device(group))
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    table = torch.stack(gathered)
+    table = torch.stack(gathered).cpu()
     bad = [n for i, n in enumerate(names) if not bool((table[:, i] == table[0, i]).all())]
     if bad:
         detail = "; ".join(

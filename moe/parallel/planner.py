@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe.parallel.comm import collective_device
+
 
 def mode_name(mode: int) -> str:
     return "dp" if mode == 0 else "ep" if mode == 1 else f"ep+shard{mode}"
@@ -168,9 +170,10 @@ class Planner:
         """Agrees on the measurement across ranks (one all_gather) and updates the choice."""
         mine = torch.cat([torch.tensor([seconds, float(copies)], dtype=torch.float64), load_E.double().cpu()])
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            mine = mine.to(collective_device(self.group))
             table = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
             dist.all_gather(table, mine, group=self.group)
-            stacked = torch.stack(table)
+            stacked = torch.stack(table).cpu()
         else:
             stacked = mine.unsqueeze(0)
         t, n = float(stacked[:, 0].max()), float(stacked[:, 1].max())
