@@ -12,10 +12,10 @@ from moe import ops
 from moe.ops import triton as ops_triton
 
 
-def activate(h_NF: torch.Tensor, activation: str) -> torch.Tensor:
-    """SwiGLU: silu(first half) * second half (fused op where a backend has one); GELU: gelu(h)."""
+def activate(h_NF: torch.Tensor, activation: str, backend: str = "auto") -> torch.Tensor:
+    """SwiGLU: silu(first half) * second half (`backend`'s fused op where it has one); GELU: gelu(h)."""
     if activation == "swiglu":
-        return ops.swiglu(h_NF)
+        return ops.swiglu(h_NF, backend)
     return F.gelu(h_NF)
 
 
@@ -49,7 +49,7 @@ class Experts(nn.Module):
         w_in: torch.Tensor = self.w_in.to(x_ND.dtype)
         w_out: torch.Tensor = self.w_out.to(x_ND.dtype)
         h = ops.grouped_mm(x_ND, w_in, counts_E, self.backend)
-        return ops.grouped_mm(activate(h, self.activation), w_out, counts_E, self.backend)
+        return ops.grouped_mm(activate(h, self.activation, self.backend), w_out, counts_E, self.backend)
 
     def forward_fused(
         self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, counts_E: torch.Tensor, weights_N: torch.Tensor

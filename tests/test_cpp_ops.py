@@ -387,3 +387,19 @@ def test_missing_extension_warns_once_and_falls_back() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_reference_layer_runs_only_reference_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend="reference" is the oracle: it must not pick up the C++ fused SwiGLU."""
+    from moe.ops import registry
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the reference layer called a C++ op")
+
+    for op in registry.OPS:
+        if (op, "cpp") in registry._IMPLS:
+            monkeypatch.setitem(registry._IMPLS, (op, "cpp"), (refuse, registry._IMPLS[(op, "cpp")][1]))
+    layer = moe.MoE(8, 16, 4, 2, backend="reference")
+    x = torch.randn(5, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None

@@ -66,7 +66,7 @@ class ParallelExperts(nn.Module):
         """x_ND [N, D] sorted by local expert, counts_E [E_b] -> [N, D] (partial sums if sharded)."""
         w_in, w_out = (w.to(x_ND.dtype) for w in weights)
         h = ops.grouped_mm(x_ND, w_in, counts_E, self.backend)
-        return ops.grouped_mm(activate(h, self.activation), w_out, counts_E, self.backend)
+        return ops.grouped_mm(activate(h, self.activation, self.backend), w_out, counts_E, self.backend)
 
     @torch.no_grad()
     def load_global(self, w_in_EDF: torch.Tensor, w_out_EHD: torch.Tensor, first_expert: int = 0) -> None:
