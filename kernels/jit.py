@@ -45,12 +45,16 @@ def build(
     key: Sequence[str],
     autotune: bool,
     prune: Callable[..., Any] | None = None,
+    heuristics: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
 ) -> Launchable:
     """A launchable kernel: interpreted or jitted, autotuned over `configs` keyed on `key` or not.
 
+    `heuristics` derive constexpr arguments from the others and the chosen config (triton.heuristics).
     Callers cache the result (one autotuner per kernel and mode keeps its tuning cache).
     """
     kernel = InterpretedFunction(fn) if interp else triton.jit(fn)
+    if heuristics:
+        kernel = triton.heuristics(heuristics)(kernel)
     if not autotune:
         return kernel
     prune_by = {"early_config_prune": prune} if prune is not None else None
