@@ -13,6 +13,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace moe {
 namespace {
@@ -29,6 +34,36 @@ namespace {
 #define MOE_X86_DISPATCH 0
 #define MOE_INLINE inline
 #endif
+
+// Sets FTZ + DAZ on this thread while alive, for the fp32 math. Without it the vectorised
+// forward ran 6x slower (4.5 vs 0.7 ns per element on a Xeon, for every nonzero gate):
+// a denormal intermediate in the compiled exp triggered a microcode assist per vector.
+// Only results below 1.2e-38 change (flushed to zero).
+class FlushDenormals {
+ public:
+  explicit FlushDenormals(bool enable) {
+#if defined(__x86_64__)
+    if (enable) {
+      saved_ = _mm_getcsr();
+      _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+      active_ = true;
+    }
+#else
+    (void)enable;
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__x86_64__)
+    if (active_) _mm_setcsr(saved_);
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  unsigned saved_ = 0;
+  bool active_ = false;
+};
 
 constexpr int64_t kChunk = 256;  // columns converted per step for fp16 / bf16
 
@@ -56,7 +91,8 @@ MOE_INLINE float exp_approx(float x) {
 MOE_INLINE void fwd_f32_body(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
-    out[i] = g / (1.0f + exp_approx(-g)) * up[i];
+    const float s = 1.0f / (1.0f + exp_approx(-g));  // the backward's form: vectorises without a second divide
+    out[i] = g * s * up[i];
   }
 }
 
@@ -87,14 +123,31 @@ __attribute__((target("avx2,fma"))) void bwd_f32_avx2(const float* grad, const f
   bwd_f32_body(grad, gate, up, grad_gate, grad_up, n);
 }
 
+__attribute__((target("avx512f,avx512dq,avx2,fma"))) void fwd_f32_avx512(const float* gate, const float* up, float* out,
+                                                                     int64_t n) {
+  fwd_f32_body(gate, up, out, n);
+}
+
+__attribute__((target("avx512f,avx512dq,avx2,fma"))) void bwd_f32_avx512(const float* grad, const float* gate,
+                                                                     const float* up, float* grad_gate,
+                                                                     float* grad_up, int64_t n) {
+  bwd_f32_body(grad, gate, up, grad_gate, grad_up, n);
+}
+
 bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+bool has_avx512() {
+  static const bool yes = has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
   return yes;
 }
 #endif
 
 void swiglu_fwd_f32(const float* gate, const float* up, float* out, int64_t n) {
 #if MOE_X86_DISPATCH
+  if (has_avx512()) return fwd_f32_avx512(gate, up, out, n);
   if (has_avx2()) return fwd_f32_avx2(gate, up, out, n);
 #endif
   fwd_f32_base(gate, up, out, n);
@@ -103,6 +156,7 @@ void swiglu_fwd_f32(const float* gate, const float* up, float* out, int64_t n) {
 void swiglu_bwd_f32(const float* grad, const float* gate, const float* up, float* grad_gate, float* grad_up,
                     int64_t n) {
 #if MOE_X86_DISPATCH
+  if (has_avx512()) return bwd_f32_avx512(grad, gate, up, grad_gate, grad_up, n);
   if (has_avx2()) return bwd_f32_avx2(grad, gate, up, grad_gate, grad_up, n);
 #endif
   bwd_f32_base(grad, gate, up, grad_gate, grad_up, n);
@@ -188,6 +242,7 @@ at::Tensor swiglu_cpu(const at::Tensor& h) {
     const scalar_t* hp = hc.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz(!std::is_same_v<scalar_t, double>);
       for (int64_t r = begin; r < end; ++r) fwd_row<scalar_t>(hp + r * 2 * hidden, op + r * hidden, hidden);
     });
   });
@@ -211,6 +266,7 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h) 
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     scalar_t* dp = grad_h.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz(!std::is_same_v<scalar_t, double>);
       for (int64_t r = begin; r < end; ++r)
         bwd_row<scalar_t>(gp + r * hidden, hp + r * 2 * hidden, dp + r * 2 * hidden, hidden);
     });
