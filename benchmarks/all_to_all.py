@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backend", default="auto", help="op backend of the local passes (auto: the C++ ops when built)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -110,7 +111,7 @@ def main() -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     dim = args.row_floats
     row_bytes = 4 * dim
-    dispatcher = ExpertParallelDispatcher(world, None, "reference")
+    dispatcher = ExpertParallelDispatcher(world, None, args.backend)
     sizes, size = [], args.min_kib * 1024
     while size <= args.max_mib * 1024 * 1024:
         sizes.append(size)
