@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--backend", default="auto", help="op backend of the local passes (auto: the C++ ops when built)")
+    parser.add_argument("--backend", default="auto", help="op backend of the local passes (auto: C++ ops if built)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
