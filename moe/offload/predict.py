@@ -34,6 +34,6 @@ def route(router: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def votes(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
     """[E] confidence that each expert is needed: mean over tokens of its probability where it is in
-    the token's top-k, 0 elsewhere (0 for an expert no token picks)."""
+    the token's top-k, 0 elsewhere (0 for an expert no token picks). On the input's device."""
     picked = torch.zeros_like(probs_TE).scatter_(1, ids_TK.clamp(min=0), 1.0) * (ids_TK >= 0).any(1, keepdim=True)
-    return (probs_TE * picked).mean(0).cpu()
+    return (probs_TE * picked).mean(0)

@@ -126,16 +126,23 @@ class OffloadRuntime:
         if not self.predicts or x_TD.shape[0] == 0:
             return None, []
         own = route(self.routers[layer], x_TD)
-        probs = own[0].mean(0).cpu() if own is not None else None
-        ahead = []
+        rows = [own[0].mean(0)] if own is not None else []
+        targets = []
         for j in range(1, self.config.lookahead + 1):
             target = layer + j
             if target >= self.num_layers:
                 break
             pred = route(self.routers[target], x_TD)
             if pred is not None:
-                ahead.append((target, votes(*pred)))
-        return probs, ahead
+                targets.append(target)
+                rows.append(votes(*pred))
+        if not rows:
+            return None, []
+        # One device-to-host read for all of them: each read is a host sync, and at batch 1
+        # every sync stalls the overlap of expert copies with compute.
+        host = torch.stack(rows).float().cpu()
+        probs = host[0] if own is not None else None
+        return probs, list(zip(targets, host[len(rows) - len(targets) :], strict=True))
 
     @torch.no_grad()
     def run_layer(self, layer: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

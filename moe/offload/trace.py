@@ -187,7 +187,7 @@ class TraceRecorder:
                     nxt = self.layers[i + j]
                     pred = route(nxt.router, x_TD)
                     if pred is not None:
-                        ahead.append((i + j, votes(*pred)))
+                        ahead.append((i + j, votes(*pred).cpu()))
             self.builder.add(i, needed, own[0].mean(0).cpu(), ahead)
 
         return hook
