@@ -1,7 +1,12 @@
 """One MoE layer, forward and forward + backward, ours against the peers and the GEMM floor.
 
     python benchmarks/moe_layer.py [--config standard|fine|both] [--threads 2] [--reps 10]
-        [--dtype float32] [--device cpu|cuda] [--small] [--csv PATH] [--png PATH]
+        [--dtype float32] [--device cpu|cuda] [--small] [--keep-freed-memory] [--csv PATH] [--png PATH]
+
+--keep-freed-memory re-runs the process with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_): by default every large tensor freed is returned to the OS and page-faulted
+in again when reallocated, which on CPU costs every candidate ~20% of a training step (most for those
+with large per-expert weight gradients). jemalloc or tcmalloc (LD_PRELOAD) have the same effect.
 
 Configs (T tokens, D dim, H expert hidden, E experts, K top-k; SwiGLU experts, F = 2H):
     standard  T=2048 D=1024 H=4096 E=8  K=2
@@ -575,6 +580,9 @@ def write_png(path: str, rows: list[dict[str, Any]]) -> None:
     print(f"wrote {path}")
 
 
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=("standard", "fine", "both"), default="both")
@@ -590,9 +598,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         default="",
         help="comma-separated candidate name prefixes not to time, e.g. 'hf_mixtral[eager],ours[ref'",
     )
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc keeps freed memory (no page faults per step)"
+    )
     parser.add_argument("--csv", default="bench_out/moe_layer.csv", help="'' = no CSV")
     parser.add_argument("--png", default="bench_out/moe_layer.png", help="'' = no plot")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory and KEEP_FREED_MEMORY.items() - os.environ.items():
+        # glibc reads these once at start-up: re-execute with them set.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
     if args.reps < 1 or args.warmup < 0:
         raise SystemExit(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -603,6 +617,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     names = ["standard", "fine"] if args.config == "both" else [args.config]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     header = f"{args.dtype}, {where}, median of {args.reps} (warm-up {args.warmup}), torch {torch.__version__}"
+    if not KEEP_FREED_MEMORY.items() - os.environ.items():
+        header += ", glibc keeps freed memory"
     rows: list[dict[str, Any]] = []
     for name in names:
         shape = table[name]

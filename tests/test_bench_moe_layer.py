@@ -75,3 +75,13 @@ def test_floor_flops_and_main_prints_the_table(bench, capsys, tmp_path) -> None:
     assert len(floor) == 1 and floor[0]["fwd_bwd_x_floor"] == 1.0
     for r in rows:
         assert math.isfinite(r["fwd_bwd_ms"]) and r["fwd_bwd_ms"] > 0, r
+
+
+def test_keep_freed_memory_reexecutes_with_the_glibc_settings(tmp_path: Path) -> None:
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--small", "--config", "standard"]
+    cmd += ["--reps", "1", "--warmup", "0", "--skip", "hf,deepspeed,tutel,torch_gmm", "--keep-freed-memory"]
+    cmd += ["--csv", "", "--png", ""]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert "glibc keeps freed memory" in out
