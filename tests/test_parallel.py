@@ -217,3 +217,19 @@ def test_four_ranks_modes_planner_hierarchical_checkpoint(ep2_run: tuple[str, to
 def test_four_ranks_two_experts_sharded_storage() -> None:
     """W > E: each rank stores half of one expert's hidden units; every mode still matches."""
     _spawn(_modes_rank, 4, 2, (1, 2))
+
+
+def test_collective_device_is_the_cpu_under_gloo_and_the_config_check_passes() -> None:
+    """Bookkeeping collectives stay on the CPU under gloo (NCCL would put them on the GPU)."""
+    from moe.parallel.comm import check_same_config, collective_device
+
+    own = not dist.is_initialized()  # earlier in-process tests may have left a group behind
+    if own:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert dist.get_backend() == "gloo" and dist.get_world_size() == 1
+        assert collective_device() == torch.device("cpu")
+        check_same_config({"num_experts": 4, "dim": 8})  # one rank: always the same config
+    finally:
+        if own:
+            dist.destroy_process_group()
