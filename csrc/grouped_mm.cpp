@@ -2,10 +2,11 @@
 // expert segments, written straight into the output (no zero-fill except the padding tail).
 // The same code serves CPU and CUDA; on CUDA the counts are read on the host (one sync).
 //
-// Forward / dX on CPU with several threads: each thread owns one column block of every expert's output and
-// runs single-threaded GEMMs over it: per-expert GEMMs are small (a few hundred rows), and
-// splitting them across threads inside BLAS costs packing and synchronisation per call; a
-// column split is balanced whatever the routing and each weight block is packed once.
+// Forward and dX on CPU with several threads: each thread owns one column block of every
+// expert's output and runs single-threaded GEMMs over it: per-expert GEMMs are small (a few
+// hundred rows), and splitting them across threads inside BLAS costs packing and
+// synchronisation per call; a column split is balanced whatever the routing and each weight
+// block is packed once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>

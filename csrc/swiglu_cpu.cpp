@@ -91,7 +91,7 @@ MOE_INLINE float exp_approx(float x) {
 MOE_INLINE void fwd_f32_body(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
-    const float s = 1.0f / (1.0f + exp_approx(-g));  // the backward's form: vectorises without a second divide
+    const float s = 1.0f / (1.0f + exp_approx(-g));  // the same expression as the backward's
     out[i] = g * s * up[i];
   }
 }
