@@ -583,6 +583,11 @@ def write_png(path: str, rows: list[dict[str, Any]]) -> None:
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 
 
+def keeps_freed_memory() -> bool:
+    """Whether this process started with KEEP_FREED_MEMORY in its environment (glibc reads it once)."""
+    return not KEEP_FREED_MEMORY.items() - os.environ.items()
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=("standard", "fine", "both"), default="both")
@@ -604,9 +609,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--csv", default="bench_out/moe_layer.csv", help="'' = no CSV")
     parser.add_argument("--png", default="bench_out/moe_layer.png", help="'' = no plot")
     args = parser.parse_args(argv)
-    if args.keep_freed_memory and KEEP_FREED_MEMORY.items() - os.environ.items():
-        # glibc reads these once at start-up: re-execute with them set.
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+    if args.keep_freed_memory and not keeps_freed_memory():
+        # glibc reads these once at start-up: re-execute with them set (the same arguments, also
+        # when main() was called with its own argv).
+        own_argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, __file__, *own_argv], {**os.environ, **KEEP_FREED_MEMORY})
     if args.reps < 1 or args.warmup < 0:
         raise SystemExit(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -617,7 +624,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     names = ["standard", "fine"] if args.config == "both" else [args.config]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     header = f"{args.dtype}, {where}, median of {args.reps} (warm-up {args.warmup}), torch {torch.__version__}"
-    if not KEEP_FREED_MEMORY.items() - os.environ.items():
+    if keeps_freed_memory():
         header += ", glibc keeps freed memory"
     rows: list[dict[str, Any]] = []
     for name in names:

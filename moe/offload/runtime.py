@@ -141,8 +141,8 @@ class OffloadRuntime:
         # One device-to-host read for all of them: each read is a host sync, and at batch 1
         # every sync stalls the overlap of expert copies with compute.
         host = torch.stack(rows).float().cpu()
-        probs = host[0] if own is not None else None
-        return probs, list(zip(targets, host[len(rows) - len(targets) :], strict=True))
+        probs, votes_host = (host[0], host[1:]) if own is not None else (None, host)
+        return probs, list(zip(targets, votes_host, strict=True))
 
     @torch.no_grad()
     def run_layer(self, layer: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -168,9 +168,12 @@ class Planner:
 
     def record(self, plan: Plan, seconds: float, copies: int, load_E: torch.Tensor) -> None:
         """Agrees on the measurement across ranks (one all_gather) and updates the choice."""
-        mine = torch.cat([torch.tensor([seconds, float(copies)], dtype=torch.float64), load_E.double().cpu()])
-        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            mine = mine.to(collective_device(self.group))
+        distributed = dist.is_initialized() and dist.get_world_size(self.group) > 1
+        device = collective_device(self.group) if distributed else torch.device("cpu")
+        mine = torch.cat(
+            [torch.tensor([seconds, float(copies)], dtype=torch.float64, device=device), load_E.double().to(device)]
+        )
+        if distributed:
             table = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
             dist.all_gather(table, mine, group=self.group)
             stacked = torch.stack(table).cpu()
