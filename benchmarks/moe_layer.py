@@ -3,10 +3,10 @@
     python benchmarks/moe_layer.py [--config standard|fine|both] [--threads 2] [--reps 10]
         [--dtype float32] [--device cpu|cuda] [--small] [--keep-freed-memory] [--csv PATH] [--png PATH]
 
---keep-freed-memory re-runs the process with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_,
-MALLOC_TRIM_THRESHOLD_): by default every large tensor freed is returned to the OS and page-faulted
-in again when reallocated, which on CPU costs every candidate ~20% of a training step (most for those
-with large per-expert weight gradients). jemalloc or tcmalloc (LD_PRELOAD) have the same effect.
+--keep-freed-memory calls moe.keep_freed_memory() first, so glibc keeps freed memory for reuse. By
+default every large tensor freed is returned to the OS and page-faulted in again when reallocated,
+which on CPU costs every candidate a share of each training step (most those with large per-expert
+weight gradients). jemalloc or tcmalloc (LD_PRELOAD) have the same effect.
 
 Configs (T tokens, D dim, H expert hidden, E experts, K top-k; SwiGLU experts, F = 2H):
     standard  T=2048 D=1024 H=4096 E=8  K=2
@@ -580,14 +580,6 @@ def write_png(path: str, rows: list[dict[str, Any]]) -> None:
     print(f"wrote {path}")
 
 
-KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
-
-
-def keeps_freed_memory() -> bool:
-    """Whether this process started with KEEP_FREED_MEMORY in its environment (glibc reads it once)."""
-    return not KEEP_FREED_MEMORY.items() - os.environ.items()
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=("standard", "fine", "both"), default="both")
@@ -609,11 +601,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--csv", default="bench_out/moe_layer.csv", help="'' = no CSV")
     parser.add_argument("--png", default="bench_out/moe_layer.png", help="'' = no plot")
     args = parser.parse_args(argv)
-    if args.keep_freed_memory and not keeps_freed_memory():
-        # glibc reads these once at start-up: re-execute with them set (the same arguments, also
-        # when main() was called with its own argv).
-        own_argv = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, __file__, *own_argv], {**os.environ, **KEEP_FREED_MEMORY})
+    keeps_freed_memory = args.keep_freed_memory and moe.keep_freed_memory()
     if args.reps < 1 or args.warmup < 0:
         raise SystemExit(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -624,7 +612,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     names = ["standard", "fine"] if args.config == "both" else [args.config]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     header = f"{args.dtype}, {where}, median of {args.reps} (warm-up {args.warmup}), torch {torch.__version__}"
-    if keeps_freed_memory():
+    if keeps_freed_memory:
         header += ", glibc keeps freed memory"
     rows: list[dict[str, Any]] = []
     for name in names:

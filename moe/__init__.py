@@ -3,6 +3,7 @@
 `import moe` does no work: no extension builds, no device probing, no process groups.
 """
 
+from moe.cpu_memory import keep_freed_memory
 from moe.config import AuxFreeConfig, ExpertChoiceConfig, MoEConfig, RecurrentConfig, TopKConfig
 from moe.layer import MoE, MoEStats
 from moe.model_utils import aux_loss, update_routers
@@ -23,4 +24,5 @@ __all__ = [
     "aux_loss",
     "update_routers",
     "tie_recurrent_routers",
+    "keep_freed_memory",
 ]

@@ -77,7 +77,7 @@ def test_floor_flops_and_main_prints_the_table(bench, capsys, tmp_path) -> None:
         assert math.isfinite(r["fwd_bwd_ms"]) and r["fwd_bwd_ms"] > 0, r
 
 
-def test_keep_freed_memory_reexecutes_with_the_glibc_settings(tmp_path: Path) -> None:
+def test_keep_freed_memory_flag_applies_the_glibc_settings(tmp_path: Path) -> None:
     import subprocess
 
     cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--small", "--config", "standard"]
