@@ -3,8 +3,8 @@
 `import moe` does no work: no extension builds, no device probing, no process groups.
 """
 
-from moe.cpu_memory import keep_freed_memory
 from moe.config import AuxFreeConfig, ExpertChoiceConfig, MoEConfig, RecurrentConfig, TopKConfig
+from moe.cpu_memory import keep_freed_memory
 from moe.layer import MoE, MoEStats
 from moe.model_utils import aux_loss, update_routers
 from moe.routing import Router, Routing, tie_recurrent_routers

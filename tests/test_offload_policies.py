@@ -123,3 +123,35 @@ def test_cost_model_picks_the_cheaper_path() -> None:
         assert chosen == cost
     measured = mo.measure(torch.device("cpu"), dim=64, nbytes=1 << 16)
     assert measured.h2d_bytes_per_s > 0 and measured.cpu_flops > 0
+
+
+def test_forecast_is_route_and_votes_in_one_read() -> None:
+    from moe.offload.predict import forecast, route, votes
+
+    torch.manual_seed(0)
+    routers = [mo_layer().router for _ in range(4)]
+    x = torch.randn(5, 16)
+    probs, picked, ahead = forecast(routers, 1, x, lookahead=3)  # only layers 2 and 3 exist ahead
+    own_probs, own_ids = route(routers[1], x)
+    torch.testing.assert_close(probs, own_probs.mean(0))
+    assert picked is not None and picked.sum() == own_ids.numel()
+    assert set(picked.nonzero().flatten().tolist()) == set(own_ids.flatten().tolist())
+    assert [t for t, _ in ahead] == [2, 3]
+    for target, v in ahead:
+        torch.testing.assert_close(v, votes(*route(routers[target], x)))
+    assert forecast(routers, 3, x, lookahead=1)[2] == []
+
+
+def test_recorder_steps_are_the_experts_the_layers_routed_to() -> None:
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[mo_layer() for _ in range(3)])
+    x = torch.randn(7, 16)
+    with mo.TraceRecorder(layers, lookahead=2) as rec:
+        layers(x)
+    trace = rec.trace()
+    h = x
+    for i, layer in enumerate(layers):
+        routed = set(layer.router(h).expert_ids.flatten().tolist())
+        assert set(trace.needed(i)) == routed
+        h = layer(h)
+    assert trace.ahead_SAE is not None and trace.ahead_SAE[2].abs().sum() == 0  # nothing after the last layer

@@ -6,6 +6,8 @@ the current hidden state (prefetch). Shape legend: T tokens, D dim, E experts, K
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,3 +39,36 @@ def votes(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
     the token's top-k, 0 elsewhere (0 for an expert no token picks). On the input's device."""
     picked = torch.zeros_like(probs_TE).scatter_(1, ids_TK.clamp(min=0), 1.0) * (ids_TK >= 0).any(1, keepdim=True)
     return (probs_TE * picked).mean(0)
+
+
+@torch.no_grad()
+def forecast(
+    routers: Sequence[nn.Module], layer: int, x_TD: torch.Tensor, lookahead: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
+    """What `layer`'s input x_TD says about this layer and the next `lookahead` ones, on the host.
+
+    Returns:
+        (probs_E, picked_E, ahead): the mean router probabilities of `layer`'s own router and the
+        tokens it sends to each expert (both None when that router cannot be evaluated, see route),
+        and (later layer, votes [E]) for layers layer+1..layer+lookahead whose routers can.
+        Everything comes back in one device-to-host read: each read is a host sync, and at batch 1
+        every sync stalls the overlap of expert copies with compute.
+    """
+    own = route(routers[layer], x_TD)
+    rows: list[torch.Tensor] = []
+    if own is not None:
+        probs_TE, ids_TK = own
+        ids = ids_TK.reshape(-1)
+        picked = torch.bincount(ids[ids >= 0], minlength=probs_TE.shape[1]).float()
+        rows += [probs_TE.mean(0), picked]
+    targets = []
+    for target in range(layer + 1, min(layer + lookahead + 1, len(routers))):
+        pred = route(routers[target], x_TD)
+        if pred is not None:
+            targets.append(target)
+            rows.append(votes(*pred).float())
+    if not rows:
+        return None, None, []
+    host = list(torch.cat(rows).cpu().split([r.shape[0] for r in rows]))
+    probs, picked_host = (host.pop(0), host.pop(0)) if own is not None else (None, None)
+    return probs, picked_host, list(zip(targets, host, strict=True))

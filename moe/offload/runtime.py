@@ -20,7 +20,7 @@ from moe.offload.cache import Residency
 from moe.offload.cost import CostModel
 from moe.offload.engine import CacheEngine
 from moe.offload.policies import Key, make_policy
-from moe.offload.predict import route, votes
+from moe.offload.predict import forecast
 from moe.offload.store import ExpertStore
 from moe.offload.trace import Trace, TraceBuilder
 
@@ -125,24 +125,8 @@ class OffloadRuntime:
     def _predict(self, layer: int, x_TD: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
         if not self.predicts or x_TD.shape[0] == 0:
             return None, []
-        own = route(self.routers[layer], x_TD)
-        rows = [own[0].mean(0)] if own is not None else []
-        targets = []
-        for j in range(1, self.config.lookahead + 1):
-            target = layer + j
-            if target >= self.num_layers:
-                break
-            pred = route(self.routers[target], x_TD)
-            if pred is not None:
-                targets.append(target)
-                rows.append(votes(*pred))
-        if not rows:
-            return None, []
-        # One device-to-host read for all of them: each read is a host sync, and at batch 1
-        # every sync stalls the overlap of expert copies with compute.
-        host = torch.stack(rows).float().cpu()
-        probs, votes_host = (host[0], host[1:]) if own is not None else (None, host)
-        return probs, list(zip(targets, votes_host, strict=True))
+        probs, _, ahead = forecast(self.routers, layer, x_TD, self.config.lookahead)
+        return probs, ahead
 
     @torch.no_grad()
     def run_layer(self, layer: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -173,22 +173,16 @@ class TraceRecorder:
         self.handles.clear()
 
     def _hook(self, i: int):  # noqa: ANN202
-        from moe.offload.predict import route, votes
+        from moe.offload.predict import forecast
+
+        routers = [m.router for m in self.layers]
 
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x_TD = args[0].reshape(-1, args[0].shape[-1])
-            own = route(module.router, x_TD)  # type: ignore[arg-type]
-            if own is None:
+            probs, picked, ahead = forecast(routers, i, x_TD, self.lookahead)
+            if probs is None or picked is None:
                 return
-            needed = sorted(set(int(e) for e in own[1].reshape(-1).tolist() if e >= 0))
-            ahead = []
-            for j in range(1, self.lookahead + 1):
-                if i + j < len(self.layers):
-                    nxt = self.layers[i + j]
-                    pred = route(nxt.router, x_TD)
-                    if pred is not None:
-                        ahead.append((i + j, votes(*pred).cpu()))
-            self.builder.add(i, needed, own[0].mean(0).cpu(), ahead)
+            self.builder.add(i, picked.nonzero().flatten().tolist(), probs, ahead)
 
         return hook
 
