@@ -32,20 +32,23 @@ def _(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return x.new_empty(counts.shape[0], x.shape[1], dy.shape[1])
 
 
-def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, w, counts = inputs
-    ctx.save_for_backward(x, w, counts)
+def register_autograd(op: torch.library.CustomOpDef, wgrad_op: torch.library.CustomOpDef) -> None:
+    """The backward of a grouped_mm op: dX = op(dY, w^T) (a view), dW = wgrad_op(x, dY)."""
+
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, dy):  # type: ignore[no-untyped-def]
+        x, w, counts = ctx.saved_tensors
+        dy = dy.contiguous()  # grads can arrive expanded (stride 0), which torch._grouped_mm rejects
+        dx = op(dy, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+        dw = wgrad_op(x, dy, counts) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, dy):  # type: ignore[no-untyped-def]
-    x, w, counts = ctx.saved_tensors
-    dy = dy.contiguous()  # grads can arrive expanded (stride 0)
-    dx = _grouped_mm(dy, w.transpose(1, 2).contiguous(), counts) if ctx.needs_input_grad[0] else None
-    dw = _grouped_mm_wgrad(x, dy, counts) if ctx.needs_input_grad[1] else None
-    return dx, dw, None
-
-
-_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_grouped_mm, _grouped_mm_wgrad)
 
 registry.register("grouped_mm", "reference", _grouped_mm)
 

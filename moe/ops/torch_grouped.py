@@ -19,6 +19,7 @@ import torch
 
 from moe import reference
 from moe.ops import registry
+from moe.ops.grouped_mm import register_autograd
 
 NAME = "torch"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,20 +88,7 @@ def _(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return x.new_empty(counts.shape[0], x.shape[1], dy.shape[1])
 
 
-def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, w, counts = inputs
-    ctx.save_for_backward(x, w, counts)
-
-
-def _backward(ctx, dy):  # type: ignore[no-untyped-def]
-    x, w, counts = ctx.saved_tensors
-    dy = dy.contiguous()  # torch._grouped_mm rejects expanded (stride-0) grads
-    dx = _grouped_mm(dy, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
-    dw = _grouped_mm_wgrad(x, dy, counts) if ctx.needs_input_grad[1] else None
-    return dx, dw, None
-
-
-_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_grouped_mm, _grouped_mm_wgrad)
 
 
 def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
