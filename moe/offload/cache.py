@@ -81,6 +81,7 @@ class Residency:
         self.pool_budget = self.budget_bytes // num_layers if scope == "layer" else self.budget_bytes
         self.on_evict = on_evict
         self.size: dict[Key, int] = {}
+        self.members: dict[int, dict[Key, None]] = {}  # pool -> its residents, in insertion order
         self.used: dict[int, int] = {}  # pool -> bytes
         self.pinned: set[Key] = set()
         self.prefetched: set[Key] = set()  # resident, brought by prefetch, not used yet
@@ -119,7 +120,7 @@ class Residency:
         self.check_fits(nbytes, f"expert {key}")
         pool = self.pool(key)
         while self.used.get(pool, 0) + nbytes > self.pool_budget:
-            candidates = [k for k in self.size if self.pool(k) == pool and k not in self.pinned]
+            candidates = [k for k in self.members.get(pool, ()) if k not in self.pinned]
             if not candidates:
                 return False
             victim = self.policy.victim(candidates)
@@ -133,6 +134,7 @@ class Residency:
         if self.used.get(pool, 0) + nbytes > self.pool_budget:
             raise BudgetError(f"insert of {key} would exceed the budget: call make_room first")
         self.size[key] = nbytes
+        self.members.setdefault(pool, {})[key] = None
         self.used[pool] = self.used.get(pool, 0) + nbytes
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         if prefetched:
@@ -141,6 +143,7 @@ class Residency:
 
     def evict(self, key: Key) -> None:
         nbytes = self.size.pop(key)
+        del self.members[self.pool(key)][key]
         self.used[self.pool(key)] -= nbytes
         if key in self.prefetched:
             self.prefetched.discard(key)
