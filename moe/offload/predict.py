@@ -59,7 +59,8 @@ def forecast(
     if own is not None:
         probs_TE, ids_TK = own
         ids = ids_TK.reshape(-1)
-        picked = torch.bincount(ids[ids >= 0], minlength=probs_TE.shape[1]).float()
+        # scatter_add, not bincount of ids[ids >= 0]: boolean indexing would sync with the host.
+        picked = probs_TE.new_zeros(probs_TE.shape[1]).scatter_add_(0, ids.clamp(min=0), (ids >= 0).float())
         rows += [probs_TE.mean(0), picked]
     targets = []
     for target in range(layer + 1, min(layer + lookahead + 1, len(routers))):
