@@ -155,3 +155,21 @@ def test_recorder_steps_are_the_experts_the_layers_routed_to() -> None:
         assert set(trace.needed(i)) == routed
         h = layer(h)
     assert trace.ahead_SAE is not None and trace.ahead_SAE[2].abs().sum() == 0  # nothing after the last layer
+
+
+def test_forecast_of_mixed_routers_matches_route_and_votes() -> None:
+    """Routers of different kinds take the per-router path; those route() cannot evaluate are skipped."""
+    from moe import MoE
+    from moe.offload.predict import forecast, route, votes
+
+    torch.manual_seed(0)
+    kinds = ["topk", "aux_free", "recurrent", "topk"]
+    routers = [MoE(16, 8, 8, 2, router=kind).router for kind in kinds]
+    x = torch.randn(5, 16)
+    probs, picked, ahead = forecast(routers, 0, x, lookahead=3)
+    torch.testing.assert_close(probs, route(routers[0], x)[0].mean(0))
+    assert picked is not None and picked.sum() == 5 * 2
+    assert [t for t, _ in ahead] == [1, 3]  # the recurrent router (layer 2) cannot be evaluated alone
+    for target, v in ahead:
+        torch.testing.assert_close(v, votes(*route(routers[target], x)))
+    assert forecast(routers, 2, x, lookahead=0) == (None, None, [])

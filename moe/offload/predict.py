@@ -54,6 +54,10 @@ def forecast(
         Everything comes back in one device-to-host read: each read is a host sync, and at batch 1
         every sync stalls the overlap of expert copies with compute.
     """
+    chain = routers[layer : layer + lookahead + 1]
+    topk = [r for r in chain if isinstance(r, TopKRouter)]
+    if len(topk) == len(chain) and len({(r.weight.shape, r.top_k) for r in topk}) == 1:
+        return _forecast_topk(topk, layer, x_TD)
     own = route(routers[layer], x_TD)
     rows: list[torch.Tensor] = []
     if own is not None:
@@ -73,3 +77,20 @@ def forecast(
     host = list(torch.cat(rows).cpu().split([r.shape[0] for r in rows]))
     probs, picked_host = (host.pop(0), host.pop(0)) if own is not None else (None, None)
     return probs, picked_host, list(zip(targets, host, strict=True))
+
+
+def _forecast_topk(
+    chain: Sequence[TopKRouter], layer: int, x_TD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """forecast() for top-k routers of one shape: batched over the routers, so that the op count
+    does not grow with the lookahead (at batch 1 a decode step pays per op, not for the math)."""
+    a, e, k = len(chain), chain[0].num_experts, chain[0].top_k
+    x = x_TD.float()
+    logits = torch.cat([x @ r.weight.float().t() for r in chain], dim=-1)  # [T, A * E]; no weight copies
+    probs_TAE = F.softmax(logits.view(-1, a, e), dim=-1)
+    picked_TAE = torch.zeros_like(probs_TAE).scatter_(-1, probs_TAE.topk(k, dim=-1).indices, 1.0)
+    rows = [probs_TAE[:, 0].mean(0), picked_TAE[:, 0].sum(0)]
+    if a > 1:
+        rows.append((probs_TAE[:, 1:] * picked_TAE[:, 1:]).mean(0).flatten())
+    host = torch.cat(rows).cpu().view(a + 1, e)
+    return host[0], host[1], [(layer + j, host[j + 1]) for j in range(1, a)]

@@ -74,7 +74,7 @@ class ExpertStore:
         self.ram_cache_bytes = ram_cache_bytes
         self.pin = self.device.type == "cuda" and torch.cuda.is_available()
         self.copy_stream = torch.cuda.Stream(self.device) if self.pin else None
-        self.ram: OrderedDict[Key, torch.Tensor] = OrderedDict()  # worker thread only
+        self.ram: OrderedDict[Key, torch.Tensor] = OrderedDict()  # changed under _lock
         self.ram_bytes = 0
         self.device_entries: dict[Key, DeviceEntry] = {}
         self.disk_reads = 0
@@ -84,23 +84,29 @@ class ExpertStore:
     def expert_bytes(self, layer: int) -> int:
         return self.shapes[layer].numel * torch.empty((), dtype=self.dtype).element_size()
 
-    # ---- RAM tier (worker thread) ----
+    # ---- RAM tier (filled by the worker thread; looked up under the lock) ----
+    def _ram_get(self, key: Key) -> torch.Tensor | None:
+        with self._lock:
+            buf = self.ram.get(key)
+            if buf is not None:
+                self.ram.move_to_end(key)
+            return buf
+
     def _host(self, key: Key) -> torch.Tensor:
-        buf = self.ram.get(key)
+        buf = self._ram_get(key)
         if buf is not None:
-            self.ram.move_to_end(key)
             return buf
         buf = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, pin_memory=self.pin)
         self.reader(key, buf)
+        nbytes = buf.numel() * buf.element_size()
         with self._lock:
             self.disk_reads += 1
-        nbytes = buf.numel() * buf.element_size()
-        if self.ram_cache_bytes is None or nbytes <= self.ram_cache_bytes:
-            self.ram[key] = buf
-            self.ram_bytes += nbytes
-            while self.ram_cache_bytes is not None and self.ram_bytes > self.ram_cache_bytes:
-                _, old = self.ram.popitem(last=False)
-                self.ram_bytes -= old.numel() * old.element_size()
+            if self.ram_cache_bytes is None or nbytes <= self.ram_cache_bytes:
+                self.ram[key] = buf
+                self.ram_bytes += nbytes
+                while self.ram_cache_bytes is not None and self.ram_bytes > self.ram_cache_bytes:
+                    _, old = self.ram.popitem(last=False)
+                    self.ram_bytes -= old.numel() * old.element_size()
         return buf
 
     def host(self, key: Key) -> torch.Tensor:
@@ -109,32 +115,44 @@ class ExpertStore:
 
     # ---- device tier ----
     def fetch(self, key: Key) -> DeviceEntry:
-        """Starts an asynchronous copy of key to the device; returns its entry at once."""
-        if self.copy_stream is not None:
-            # Allocated on the copy stream, so the copy never writes a block that queued compute still reads
-            # (an evicted expert's); ready() records each compute-stream use before the block can be reused.
-            with torch.cuda.stream(self.copy_stream):
+        """Starts an asynchronous copy of key to the device; returns its entry at once.
+
+        An expert already in RAM is copied from this thread: on CUDA the copy is only enqueued on
+        the copy stream, and a worker thread would first wait for the GIL, up to the interpreter's
+        switch interval (5 ms) while this thread runs the model, so a prefetch would land a layer
+        late. On a CPU device the RAM buffer itself serves as the device copy (same memory).
+        Only disk reads go to the worker.
+        """
+        host = self._ram_get(key)
+        if self.copy_stream is None:
+            if host is not None:
+                entry = DeviceEntry(host)
+            else:
                 flat = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, device=self.device)
-        else:
+
+                def copy_cpu() -> None:
+                    flat.copy_(self._host(key))
+
+                entry = DeviceEntry(flat, future=self._worker.submit(copy_cpu))
+            self.device_entries[key] = entry
+            return entry
+        # Allocated on the copy stream, so the copy never writes a block that queued compute still reads
+        # (an evicted expert's); ready() records each compute-stream use before the block can be reused.
+        stream = self.copy_stream
+        with torch.cuda.stream(stream):
             flat = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, device=self.device)
-        entry = DeviceEntry(flat)
-        if self.copy_stream is not None:
-            entry.event = torch.cuda.Event()
-            stream, event = self.copy_stream, entry.event
+        event = torch.cuda.Event()
+        entry = DeviceEntry(flat, event=event)
 
-            def copy_cuda() -> None:
-                host = self._host(key)
-                with torch.cuda.stream(stream):
-                    flat.copy_(host, non_blocking=True)
-                    event.record(stream)
+        def copy_cuda(src: torch.Tensor) -> None:
+            with torch.cuda.stream(stream):
+                flat.copy_(src, non_blocking=True)
+                event.record(stream)
 
-            entry.future = self._worker.submit(copy_cuda)
+        if host is not None:
+            copy_cuda(host)
         else:
-
-            def copy_cpu() -> None:
-                flat.copy_(self._host(key))
-
-            entry.future = self._worker.submit(copy_cpu)
+            entry.future = self._worker.submit(lambda: copy_cuda(self._host(key)))
         self.device_entries[key] = entry
         return entry
 
