@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
+glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only"
 )
 
@@ -37,6 +37,7 @@ def _probe(mode: str) -> tuple[str, int]:
     return applied, int(faults)
 
 
+@glibc_only
 def test_reallocation_page_faults_vanish() -> None:
     pages = (64 << 20) // 4096
     _, default_faults = _probe("default")
@@ -45,3 +46,11 @@ def test_reallocation_page_faults_vanish() -> None:
     # glibc defaults: the freed 64 MiB goes back to the OS and every page faults in again.
     assert default_faults > 2 * pages, default_faults
     assert kept_faults < pages // 20, kept_faults
+
+
+def test_other_c_libraries_get_a_warning_and_no_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moe
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    with pytest.warns(UserWarning, match="needs glibc"):
+        assert moe.keep_freed_memory() is False
