@@ -82,8 +82,8 @@ def _guard_budget(om: mo.OffloadedModel, budget: int) -> list[int]:
     store, seen = om.runtime.store, []
     fetch = store.fetch
 
-    def checked(key: tuple[int, int]) -> object:
-        entry = fetch(key)
+    def checked(key: tuple[int, int], prefetch: bool = False) -> object:
+        entry = fetch(key, prefetch)
         live = sum(e.flat.numel() * e.flat.element_size() for e in store.device_entries.values())
         seen.append(live)
         assert live <= budget, f"{live} device bytes live > budget {budget}"
@@ -171,3 +171,29 @@ def test_recorded_trace_replays_to_live_counters(mixtral, tmp_path) -> None:
             assert belady.hit_rate >= replay.hit_rate
         finally:
             om.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive"])
+@pytest.mark.parametrize("per_layer", [1, 2])
+@pytest.mark.parametrize("miss", ["copy", "auto"])
+def test_cuda_tokens_match_in_memory_model(mixtral, policy: str, per_layer: int, miss: str) -> None:
+    """The CUDA path: pinned RAM tier, copy stream, events; the same greedy tokens as the full model on CUDA."""
+    path, _, layers = mixtral
+    full = transformers.AutoModelForCausalLM.from_pretrained(path).eval().to("cuda")
+    expected = full.generate(PROMPT.cuda(), max_new_tokens=NEW_TOKENS, do_sample=False).cpu()
+    budget = per_layer * layers * EXPERT_BYTES
+    om = mo.load(path, "cuda", budget, policy, miss=miss, ram_cache_bytes=0 if per_layer == 1 else None)
+    try:
+        seen = _guard_budget(om, budget)
+        out = om.model.generate(PROMPT.cuda(), max_new_tokens=NEW_TOKENS, do_sample=False)
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), expected)
+        stats = om.runtime.stats
+        assert stats.requests > 0 and om.runtime.residency.peak_bytes <= budget
+        assert all(live <= budget for live in seen)
+        if miss == "copy":
+            assert stats.copies > 0 and stats.cpu_misses == 0
+    finally:
+        om.close()

@@ -20,10 +20,11 @@ import torch
 from moe.offload.cache import Residency
 from moe.offload.policies import Key, Predictive
 
-Hook = Callable[[Key], None]
+# fetch(key, prefetch): start copying key to the device; prefetch=False for a demand miss.
+Fetch = Callable[[Key, bool], None]
 
 
-def _noop(key: Key) -> None:
+def _noop(key: Key, prefetch: bool) -> None:
     return None
 
 
@@ -33,7 +34,8 @@ class CacheEngine:
     Args:
         residency: budgets, residents, stats and the policy.
         expert_bytes: bytes of one expert of a layer.
-        fetch: starts copying key to the device (runtime) or nothing (simulator).
+        fetch: starts copying key to the device (runtime) or nothing (simulator); told whether
+            the copy is a prefetch, so demand copies need not queue behind prefetches.
         max_prefetch: at most this many prefetches per predicted layer and step.
     """
 
@@ -41,7 +43,7 @@ class CacheEngine:
         self,
         residency: Residency,
         expert_bytes: Callable[[int], int],
-        fetch: Hook = _noop,
+        fetch: Fetch = _noop,
         max_prefetch: int | None = None,
     ) -> None:
         self.residency, self.expert_bytes, self.fetch = residency, expert_bytes, fetch
@@ -101,7 +103,7 @@ class CacheEngine:
                     res.insert(key, nbytes)
                     stats.copies += 1
                     stats.bytes_moved += nbytes
-                    self.fetch(key)
+                    self.fetch(key, False)
                     res.pinned.add(key)
                     yield key[1], "device"
                 res.pinned.discard(key)
@@ -145,4 +147,4 @@ class CacheEngine:
             self.pending.setdefault(layer, set()).add(e)
             res.stats.prefetches += 1
             res.stats.bytes_moved += nbytes
-            self.fetch(key)
+            self.fetch(key, True)

@@ -100,8 +100,8 @@ class OffloadRuntime:
     def stats(self):  # noqa: ANN201 - CacheStats
         return self.residency.stats
 
-    def _fetch(self, key: Key) -> None:
-        self.store.fetch(key)
+    def _fetch(self, key: Key, prefetch: bool) -> None:
+        self.store.fetch(key, prefetch)
 
     def _on_cpu(self, rows_E: list[int], device: torch.device, act_bytes: int) -> object:
         mode = self.config.miss

@@ -1,8 +1,9 @@
 """Tiered expert store: safetensors on disk (mmap) -> CPU RAM (pinned with CUDA) -> device cache.
 
 Each expert is one coalesced flat buffer [w_in (D x F) | w_out (H x D)], so a tier change is a
-single transfer. All disk reads and RAM-tier bookkeeping run on one worker thread; on CUDA the
-host -> device copies run on a separate copy stream, so both overlap compute.
+single transfer. Disk reads run on one worker thread; an expert already in RAM is copied from the
+calling thread. On CUDA the host -> device copies run on two copy streams (demand misses,
+prefetches), so both overlap compute.
 
 Shape legend: D model dim, H expert hidden dim, F = 2H (SwiGLU).
 """
@@ -73,7 +74,10 @@ class ExpertStore:
         self.reader, self.shapes, self.dtype, self.device = reader, shapes, dtype, torch.device(device)
         self.ram_cache_bytes = ram_cache_bytes
         self.pin = self.device.type == "cuda" and torch.cuda.is_available()
-        self.copy_stream = torch.cuda.Stream(self.device) if self.pin else None
+        # Two copy streams: copies on one stream run in order, and a demand miss, needed now,
+        # must not wait behind prefetches for later layers. Copies on the two share the link.
+        self.copy_stream = torch.cuda.Stream(self.device, priority=-1) if self.pin else None
+        self.prefetch_stream = torch.cuda.Stream(self.device) if self.pin else None
         self.ram: OrderedDict[Key, torch.Tensor] = OrderedDict()  # changed under _lock
         self.ram_bytes = 0
         self.device_entries: dict[Key, DeviceEntry] = {}
@@ -114,8 +118,11 @@ class ExpertStore:
         return self._worker.submit(self._host, key).result()
 
     # ---- device tier ----
-    def fetch(self, key: Key) -> DeviceEntry:
+    def fetch(self, key: Key, prefetch: bool = False) -> DeviceEntry:
         """Starts an asynchronous copy of key to the device; returns its entry at once.
+
+        prefetch=True puts the copy on the prefetch stream (CUDA), so that demand copies do not
+        queue behind it.
 
         An expert already in RAM is copied from this thread: on CUDA the copy is only enqueued on
         the copy stream, and a worker thread would first wait for the GIL, up to the interpreter's
@@ -138,7 +145,8 @@ class ExpertStore:
             return entry
         # Allocated on the copy stream, so the copy never writes a block that queued compute still reads
         # (an evicted expert's); ready() records each compute-stream use before the block can be reused.
-        stream = self.copy_stream
+        stream = self.prefetch_stream if prefetch else self.copy_stream
+        assert stream is not None
         with torch.cuda.stream(stream):
             flat = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, device=self.device)
         event = torch.cuda.Event()
