@@ -120,8 +120,19 @@ def test_global_scope_and_lookahead(mixtral) -> None:
     path, expected, layers = mixtral
     om = mo.load(path, "cpu", 3 * layers * EXPERT_BYTES, "predictive", scope="global", lookahead=2)
     try:
+        store, kinds = om.runtime.store, []
+        fetch = store.fetch
+
+        def recording(key: tuple[int, int], prefetch: bool = False) -> object:
+            kinds.append(prefetch)
+            return fetch(key, prefetch)
+
+        store.fetch = recording  # type: ignore[method-assign]
         assert torch.equal(om.model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False), expected)
-        assert om.runtime.stats.prefetches > 0
+        stats = om.runtime.stats
+        assert stats.prefetches > 0
+        # Prefetches reach the store as such (their own CUDA stream), demand misses as demand copies.
+        assert (kinds.count(True), kinds.count(False)) == (stats.prefetches, stats.copies)
     finally:
         om.close()
 
