@@ -37,7 +37,8 @@ bench: venv
 	$(PYTHON) benchmarks/balance.py
 
 # On a GPU machine (CUDA torch + nvcc, no registry needed): build the CUDA extension, run the
-# CUDA tests and the GPU benchmarks; logs and tables go to bench_out/gpu.
+# CUDA tests and the GPU benchmarks, most-wanted first under a deadline (GPU_DEADLINE_S);
+# gpu.log and the CSVs go to GPU_OUT (default bench_out/gpu).
 gpu:
 	bash .ci/gpu.sh
 

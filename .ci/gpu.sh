@@ -1,29 +1,53 @@
 #!/usr/bin/env bash
 # `make gpu`: on a GPU machine with CUDA torch, nvcc and no package registry. Uses the system
 # python (keeps its CUDA torch), builds moe._C with the CUDA kernels in place, runs the CUDA
-# tests, then the GPU benchmarks; every table lands in $GPU_OUT (default bench_out/gpu).
+# tests, then the GPU benchmarks. Everything lands in $GPU_OUT (default bench_out/gpu): one log,
+# gpu.log, and the benchmark CSVs, i.e. at most 6 files (a lent device machine returns 8 files of
+# its $OUT: run `GPU_OUT=$OUT make gpu` there).
+#
+# Device time is scarce, so the steps run most-wanted first (build, tests, offload decode, grouped
+# GEMM, layer, index ops), each under `timeout`, and a step that cannot finish before
+# GPU_DEADLINE_S (default 540 s, inside a 600 s call) is skipped, so the results of the steps
+# before it always come back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT_DIR=${GPU_OUT:-bench_out/gpu}
-mkdir -p "$OUT_DIR"
+DEADLINE=${GPU_DEADLINE_S:-540}
+mkdir -p "$OUT_DIR" bench_out
+LOG="$OUT_DIR/gpu.log"
+: >"$LOG"
 export PYTHONUNBUFFERED=1
+START=$SECONDS
 status=0
-step() {  # step NAME CMD...: run, tee the log, remember failures, go on
-  local name=$1
-  shift
-  echo "=== $name: $*"
-  "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+step() {  # step NAME MIN_S MAX_S CMD...: run under timeout if MIN_S still fit; log; remember failures
+  local name=$1 need=$2 cap=$3
+  shift 3
+  local left=$((DEADLINE - (SECONDS - START)))
+  if [ "$left" -lt "$need" ]; then
+    echo "=== $name SKIPPED: ${left}s left of ${DEADLINE}s, needs ~${need}s" | tee -a "$LOG"
+    status=1
+    return
+  fi
+  [ "$cap" -lt "$left" ] || cap=$left
+  echo "=== $name (t=$((SECONDS - START))s, limit ${cap}s): $*" | tee -a "$LOG"
+  timeout "$cap" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc)"; status=1; }
+  [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc; 124 = timed out)" | tee -a "$LOG"; status=1; }
 }
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'make gpu needs a CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
-step build "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-step tests "$PY" -m pytest -q -x -p no:cacheprovider -m "gpu" tests
-step grouped_gemm "$PY" benchmarks/grouped_gemm.py --csv
-step moe_layer "$PY" benchmarks/moe_layer.py --device cuda --dtype bfloat16 --config both --csv
-[ -f benchmarks/cuda_ops.py ] && step cuda_ops "$PY" benchmarks/cuda_ops.py
-[ -f benchmarks/offload_decode.py ] && step offload_decode "$PY" benchmarks/offload_decode.py --device cuda --csv
-cp bench_out/*.csv "$OUT_DIR"/ 2>/dev/null
-echo "=== logs and tables in $OUT_DIR (status $status)"
+csv() {  # csv NAME: the step's table, if it wrote one, into OUT_DIR
+  [ -f "bench_out/$1" ] && cp "bench_out/$1" "$OUT_DIR"/
+  return 0
+}
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'make gpu needs a CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+rm -f bench_out/{offload_decode,grouped_gemm,moe_layer_gpu,cuda_ops}.csv  # no stale tables
+step build 60 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+step tests 30 180 "$PY" -m pytest -q --maxfail=20 -p no:cacheprovider -m gpu tests
+step offload_decode 60 150 "$PY" benchmarks/offload_decode.py --device cuda --csv && csv offload_decode.csv
+step grouped_gemm 30 120 "$PY" benchmarks/grouped_gemm.py --csv && csv grouped_gemm.csv
+step moe_layer 30 120 "$PY" benchmarks/moe_layer.py --device cuda --dtype bfloat16 --config both \
+  --csv bench_out/moe_layer_gpu.csv --png "" && csv moe_layer_gpu.csv
+step cuda_ops 20 60 "$PY" benchmarks/cuda_ops.py --csv && csv cuda_ops.csv
+echo "=== done in $((SECONDS - START))s; gpu.log and CSVs in $OUT_DIR (status $status)" | tee -a "$LOG"
 exit $status
