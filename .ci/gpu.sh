@@ -44,7 +44,7 @@ csv() {  # csv NAME: the step's table, if it wrote one, into OUT_DIR
 rm -f bench_out/{offload_decode,grouped_gemm,moe_layer_gpu,cuda_ops}.csv  # no stale tables
 step build 60 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 step tests 30 180 "$PY" -m pytest -q --maxfail=20 -p no:cacheprovider -m gpu tests
-step offload_decode 60 150 "$PY" benchmarks/offload_decode.py --device cuda --csv && csv offload_decode.csv
+step offload_decode 60 200 "$PY" benchmarks/offload_decode.py --device cuda --csv && csv offload_decode.csv
 step grouped_gemm 30 120 "$PY" benchmarks/grouped_gemm.py --csv && csv grouped_gemm.csv
 step moe_layer 30 120 "$PY" benchmarks/moe_layer.py --device cuda --dtype bfloat16 --config both \
   --csv bench_out/moe_layer_gpu.csv --png "" && csv moe_layer_gpu.csv
