@@ -1,6 +1,6 @@
 """All-to-all bandwidth in the style of nccl-tests: raw all_to_all_single vs our dispatch+combine.
 
-    torchrun --nproc_per_node=4 benchmarks/all_to_all.py [--max-mib 64] [--iters 10]
+    torchrun --nproc_per_node=4 benchmarks/all_to_all.py [--max-mib 64] [--iters 10] [--keep-freed-memory]
 
 Per message size (bytes each rank sends in one exchange) and variant:
     raw          dist.all_to_all_single, equal splits
@@ -10,6 +10,10 @@ Per message size (bytes each rank sends in one exchange) and variant:
     ep           ExpertParallelDispatcher dispatch + combine (mode ep, d = 1, identity experts):
                  sort, permute, count exchange, two all-to-alls, unpermute
     ep_pipe4     the same pipelined in 4 chunks (ExpertParallelDispatcher.run, chunks=4)
+    floor        what dispatch+combine cannot avoid: the two raw exchanges plus two plain copies of
+                 the bytes (into buffers allocated outside the timing), for the send order and
+                 the token order; `ep` / `floor` is our overhead, `floor` / raw what the data
+                 path's local passes cost on this machine
 Time = the slowest rank's, median over iterations after warm-up, with a barrier before each
 iteration; variants are interleaved inside each iteration. algbw = bytes per rank / time
 (dispatch+combine moves the bytes twice, so its algbw counts 2x); busbw = algbw * (W-1)/W.
@@ -82,6 +86,15 @@ def _variants(
             back = all_to_all(all_to_all(x, even, even), even, even)
             del back
 
+    send, recv, back, tokens = (torch.empty_like(x) for _ in range(4))
+
+    def floor() -> None:
+        send.copy_(x)
+        dist.all_to_all_single(recv, send)
+        dist.all_to_all_single(back, recv)
+        tokens.copy_(back)
+
+    variants["floor"] = (floor, 2)
     variants["ep_a2a"] = (ep_a2a, 2)
     variants["ep"] = (ep(1), 2)
     variants["ep_pipe4"] = (ep(4), 2)
@@ -104,8 +117,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="auto", help="op backend of the local passes (auto: C++ ops if built)")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="moe.keep_freed_memory(): no page faults on fresh buffers"
+    )
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        import moe
+
+        moe.keep_freed_memory()
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
