@@ -143,6 +143,38 @@ def _check_mismatch(rank: int) -> None:
             moe.MoE(**args, process_group=dist.group.WORLD)  # type: ignore[arg-type]
 
 
+def _check_plan_mismatch(rank: int) -> None:
+    # Ranks pinned to different plans would issue different collectives (a gloo abort, an NCCL hang).
+    with pytest.raises(ValueError, match="pinned_mode: rank 0=.*rank 1="):
+        moe.MoE(D, H, 4, K, process_group=dist.group.WORLD, parallel_plan="dp" if rank == 0 else "ep")
+
+
+def _check_wrong_shape_checkpoint(rank: int, world: int, path: str) -> None:
+    # The EP-2 file (hidden H) into a layer with hidden H // 2: a clear error, not sliced weights.
+    small = moe.MoE(D, H // 2, 4, K, num_shared_experts=1, shared_expert_gate=True, process_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="expert weights are"):
+        load_checkpoint(small.double(), path)
+
+
+def _check_activation_checkpointing(rank: int, world: int) -> None:
+    # Non-reentrant checkpointing recomputes the layer inside backward: it must reuse the
+    # forward's plan while the adaptive planner explores, and give the plain layer's gradients.
+    from torch.utils.checkpoint import checkpoint
+
+    cfg = PlannerConfig(chunk_options=(1, 2), warmup=0, samples=1, check_every=1)
+    single, layer = _layers(world, 4, planner_config=cfg)
+    x = _batch(world)[0][rank]
+    for _ in range(len(layer.parallel.planner.candidates) + 2):
+        layer.zero_grad(set_to_none=True)
+        checkpoint(layer, x, use_reentrant=False).sum().backward()
+        ckpt_grad = layer.experts.w_in.grad.clone()
+        layer.parallel.pin(layer.parallel.last_plan)
+        layer.zero_grad(set_to_none=True)
+        layer(x).sum().backward()
+        layer.parallel.pin(None)
+        torch.testing.assert_close(ckpt_grad, layer.experts.w_in.grad, **TOL)
+
+
 def _check_timeout(rank: int) -> None:
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
     if rank == 0:
@@ -156,7 +188,10 @@ def _check_timeout(rank: int) -> None:
 def _two_ranks(rank: int, world: int, path: str, out_path: str) -> None:
     _modes_rank(rank, world, 4, (1, 3))
     _check_mismatch(rank)
+    _check_plan_mismatch(rank)
     _save(rank, world, path, out_path)
+    _check_wrong_shape_checkpoint(rank, world, path)
+    _check_activation_checkpointing(rank, world)
     _check_timeout(rank)
 
 
@@ -199,6 +234,14 @@ def _four_ranks(rank: int, world: int, path: str, out_path: str) -> None:
     x = torch.cat(_batch(2)[0])
     share = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
     torch.save((share, loaded(x[share])), f"{out_path}.{rank}")
+    # Two expert-parallel groups (like two pipeline stages) each save their own file: the
+    # writer is rank 0 of the group, not of the world.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = rank // 2
+    stage = moe.MoE(D, H, 4, K, process_group=groups[mine], parallel_plan="ep")
+    save_checkpoint(stage, f"{out_path}.stage{mine}.safetensors")
+    dist.barrier()
+    assert all(os.path.exists(f"{out_path}.stage{g}.safetensors") for g in range(2))
 
 
 def test_four_ranks_modes_planner_hierarchical_checkpoint(ep2_run: tuple[str, torch.Tensor], tmp_path: Any) -> None:

@@ -34,7 +34,9 @@ def _expert_keys(modules: list[tuple[str, Any]]) -> set[str]:
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Saves model to one safetensors file with experts by global id.
 
-    Collective when the model has expert-parallel layers: every rank must call it; rank 0 writes.
+    Collective when the model has expert-parallel layers: every rank of their process group must
+    call it; that group's rank 0 writes (so each of several expert-parallel groups, e.g. pipeline
+    stages, writes its own file).
     """
     modules = _expert_modules(model)
     skip = _expert_keys(modules)
@@ -42,22 +44,22 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     for key, value in model.state_dict().items():
         if key not in skip:
             tensors[key] = value.detach().cpu().clone().contiguous()
-    parallel = False
+    parallel, group = False, None
     for name, m in modules:
         prefix = f"{name}." if name else ""
         if isinstance(m, ParallelExperts):
-            parallel = True
+            parallel, group = True, m.group if not parallel else group
             w_in, w_out = m.global_weights()
         else:
             w_in, w_out = m.w_in.detach(), m.w_out.detach()
         for e in range(w_in.shape[0]):
             tensors[f"{prefix}{e}.w_in"] = w_in[e].cpu().clone().contiguous()
             tensors[f"{prefix}{e}.w_out"] = w_out[e].cpu().clone().contiguous()
-    writer = not (parallel and dist.is_initialized()) or dist.get_rank() == 0
-    if writer:
+    collective = parallel and dist.is_initialized()
+    if not collective or dist.get_rank(group) == 0:
         save_file(tensors, str(path), metadata={"format": FORMAT})
-    if parallel and dist.is_initialized():
-        dist.barrier()
+    if collective:
+        dist.barrier(group=group)
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def transpose_segments(counts_SE: torch.Tensor) -> torch.Tensor:
     cnt_t, start_t = counts_SE.t().reshape(-1), starts.t().reshape(-1)
     total = int(flat.sum())
     new_starts = torch.cumsum(cnt_t, 0) - cnt_t
-    within = torch.arange(total) - torch.repeat_interleave(new_starts, cnt_t)
+    within = torch.arange(total, device=counts_SE.device) - torch.repeat_interleave(new_starts, cnt_t)
     return torch.repeat_interleave(start_t, cnt_t) + within
 
 
@@ -140,14 +140,15 @@ class ExpertParallelDispatcher:
             sel = None
             if mode > 1:  # each block's rows once per member: r replicas
                 starts = (torch.cumsum(bc, 0) - bc)[member_block]
-                within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+                within = torch.arange(int(sizes.sum()), device=sizes.device)
+                within -= torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
                 sel = torch.repeat_interleave(starts, sizes) + within
             rc = recv_WCE[:, c]
             order = inverse = None
             if per_block > 1:  # rows arrive (source, expert): regroup by expert
                 order = transpose_segments(rc)
                 inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(order.numel())
+                inverse[order] = torch.arange(order.numel(), device=order.device)
             routes.append(
                 ChunkRoute(
                     tok,

@@ -75,6 +75,13 @@ class ParallelExperts(nn.Module):
         Row i of the inputs is global expert first_expert + i; they must cover this rank's experts.
         """
         s, h = self.stored, self.hidden_dim
+        width = 2 * h if self.swiglu else h
+        if tuple(w_in_EDF.shape[1:]) != (self.dim, width) or tuple(w_out_EHD.shape[1:]) != (h, self.dim):
+            raise ValueError(
+                f"expert weights are {tuple(w_in_EDF.shape)} / {tuple(w_out_EHD.shape)} but this layer needs "
+                f"[E, {self.dim}, {width}] / [E, {h}, {self.dim}] (dim {self.dim}, hidden {h}, "
+                f"{'swiglu' if self.swiglu else 'gelu'})"
+            )
         start = s.first_expert - first_expert
         if start < 0 or start + s.num_experts > w_in_EDF.shape[0]:
             raise ValueError(

@@ -27,8 +27,11 @@ def _code(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def config_fingerprint(config: MoEConfig, world: int) -> dict[str, int]:
-    """The integer fields every rank's layer must agree on."""
+def config_fingerprint(
+    config: MoEConfig, world: int, plan: Plan | None = None, planner: str = "", local_size: int | None = None
+) -> dict[str, int]:
+    """The integer fields every rank's layer must agree on (ranks that run different plans would
+    issue different collectives: a crash on gloo, a hang or garbage on NCCL)."""
     return {
         "num_experts": config.num_experts,
         "dim": config.dim,
@@ -38,6 +41,10 @@ def config_fingerprint(config: MoEConfig, world: int) -> dict[str, int]:
         "router": _code(str(config.router)),
         "num_shared_experts": config.num_shared_experts,
         "world_size": world,
+        "pinned_mode": -1 if plan is None else plan.mode,
+        "pinned_chunks": -1 if plan is None else plan.chunks,
+        "planner_config": _code(planner),
+        "local_size": local_size or 0,
     }
 
 
@@ -68,14 +75,14 @@ class ExpertParallel:
             )
         self.group = group
         world = dist.get_world_size(group)
-        check_same_config(config_fingerprint(config, world), group)
+        pinned = Plan.parse(plan) if isinstance(plan, str) else plan
+        check_same_config(config_fingerprint(config, world, pinned, repr(planner_config), local_size), group)
         self.num_experts = config.num_experts
         self.experts = ParallelExperts(
             config.num_experts, config.dim, config.hidden_dim, config.activation, config.backend, group
         )
         self.dispatcher = ExpertParallelDispatcher(config.num_experts, group, config.backend, local_size)
         self.modes = valid_modes(config.num_experts, config.hidden_dim, world)
-        pinned = Plan.parse(plan) if isinstance(plan, str) else plan
         self.planner = Planner(
             self.modes,
             group,
@@ -86,7 +93,8 @@ class ExpertParallel:
         self.last_plan: Plan | None = None
 
     def pin(self, plan: Plan | str | None) -> None:
-        """Pins a plan (None = adaptive again). Safe between any two forward calls."""
+        """Pins a plan (None = adaptive again). Safe between any two forward calls, when every rank
+        of the group pins the same plan before the same call."""
         p = Plan.parse(plan) if isinstance(plan, str) else plan
         self.planner.pin(None if p is None else p.mode, None if p is None else p.chunks)
 
@@ -102,9 +110,19 @@ class ExpertParallel:
         shared_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """y_TD [T, D] = routed experts (+ shared experts, computed while the dispatch is in flight)."""
-        plan, measure = self.planner.choose()
+        if torch._C._current_graph_task_id() != -1 and self.last_plan is not None:
+            # Recomputed inside backward (activation checkpointing): the plan of the forward, or
+            # the recomputed tensors would not match the saved ones; and no timing from backward.
+            plan, measure = self.last_plan, False
+        else:
+            plan, measure = self.planner.choose()
+        sync = measure and x_TD.device.type == "cuda"
+        if sync:  # time the work, not its launch: collectives and GEMMs are asynchronous on CUDA
+            torch.cuda.synchronize(x_TD.device)
         start = timer()
         y_TD, shared = self.dispatcher.run(x_TD, routing, experts, plan.mode, plan.chunks, shared_fn)
+        if sync:
+            torch.cuda.synchronize(x_TD.device)
         if measure:
             copies = int((routing.expert_ids >= 0).sum())
             load = count_tokens(routing.expert_ids, self.num_experts)
