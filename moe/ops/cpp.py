@@ -5,8 +5,10 @@ M grouped-GEMM rows, K/N GEMM inner/outer dims, F = 2H a fused [gate | up] proje
 
 The schemas and kernels live in C++ (csrc/schemas.cpp); this module adds what torch needs on the
 Python side: fake kernels (torch.compile, meta tensors) and autograd formulas, each written with
-the moe:: ops themselves, so gradients of gradients work too. Backward passes avoid copies: the
-dX of grouped_mm reads the transposed weight view in place (BLAS transposes on the fly).
+the moe:: ops themselves (under create_graph=True the two fused backward kernels, which have no
+autograd of their own, give way to differentiable formulas), so gradients of gradients work too.
+Backward passes avoid copies: the dX of grouped_mm reads the transposed weight view in place
+(BLAS transposes on the fly).
 
 The extension is loaded the first time the backend is asked whether it can run, never at
 `import moe`. If it is not built, the backend reports itself unavailable, so backend="auto"
@@ -166,7 +168,13 @@ def _unpermute_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _unpermute_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
     y, token_idx, weights = ctx.saved_tensors
-    grad_y, grad_w = torch.ops.moe.unpermute_backward(grad, y, token_idx, weights)
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiable ops (moe::unpermute_backward has no autograd of its own).
+        acc = torch.promote_types(y.dtype, torch.float32)
+        g = grad.to(acc).index_select(0, token_idx)
+        grad_y, grad_w = (g * weights.to(acc)[:, None]).to(y.dtype), (g * y.to(acc)).sum(1).to(weights.dtype)
+    else:
+        grad_y, grad_w = torch.ops.moe.unpermute_backward(grad, y, token_idx, weights)
     return (
         grad_y if ctx.needs_input_grad[0] else None,
         None,
@@ -200,6 +208,12 @@ def _swiglu_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _swiglu_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
     (h,) = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the derivative in differentiable ops (moe::swiglu_backward has no autograd).
+        acc = torch.promote_types(h.dtype, torch.float32)
+        gate, up = h.to(acc).chunk(2, dim=-1)
+        g, sig = grad.to(acc), torch.sigmoid(gate)
+        return torch.cat([g * up * sig * (1 + gate * (1 - sig)), g * gate * sig], dim=-1).to(h.dtype)
     return torch.ops.moe.swiglu_backward(grad, h)
 
 
