@@ -108,6 +108,18 @@ def test_aux_free_bias_update_rule_and_not_trained_by_autograd() -> None:
     assert r.pending_load.tolist() == [0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_aux_free_bias_stays_fp32_when_the_layer_is_cast(dtype: torch.dtype) -> None:
+    layer = moe.MoE(16, 8, 4, 1, "aux_free", bias_update_rate=1e-3).to(dtype)
+    r = layer.router
+    assert r.weight.dtype == dtype and r.e_score_correction_bias.dtype == torch.float32
+    r.e_score_correction_bias.fill_(0.5)
+    r.pending_load.copy_(torch.tensor([4, 0, 0, 0]))
+    r.update()  # a 1e-3 step from 0.5 is below half a bf16 ulp: it must not be rounded away
+    torch.testing.assert_close(r.e_score_correction_bias, torch.tensor([0.499, 0.501, 0.501, 0.501]))
+    assert layer.double().router.e_score_correction_bias.dtype == torch.float64  # wider stays wider
+
+
 def test_aux_free_bias_moves_skewed_loads_toward_balance() -> None:
     layer = moe.MoE(16, 8, 8, 2, "aux_free", bias_update_rate=0.02)
     with torch.no_grad():

@@ -67,6 +67,14 @@ class AuxFreeRouter(Router):
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("pending_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        # .half() / .to(bfloat16) cast every float buffer; the bias must stay (at least) fp32: a
+        # 1e-3 update is below half an ulp of a bf16 bias of magnitude >= 0.5 and would be lost.
+        if self.e_score_correction_bias.dtype in (torch.float16, torch.bfloat16):
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
