@@ -206,6 +206,8 @@ class MoE(nn.Module):
             assert cfg.capacity_factor is not None
             # A non-finite token is routed nowhere, so its values cannot change who else fits.
             finite = torch.isfinite(x_TD).all(dim=1, keepdim=True) & torch.isfinite(routing.weights).all(1, True)
+            if mask_T is not None:  # padding takes no capacity slot (and is not counted as dropped)
+                finite = finite & mask_T.unsqueeze(1)
             ids = torch.where(finite, routing.expert_ids, -1)
             cap = expert_capacity(x_TD.shape[0], routing.expert_ids.shape[1], cfg.num_experts, cfg.capacity_factor)
             ids, weights, dropped = apply_capacity(ids, routing.weights, cfg.num_experts, cap)

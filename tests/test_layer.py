@@ -167,6 +167,21 @@ def test_token_mask_excludes_padding_from_loss_and_stats() -> None:
     torch.testing.assert_close(y[mask], y_real[0])
 
 
+def test_padding_takes_no_capacity_slot() -> None:
+    """Left padding comes first in capacity priority; it must not push real tokens out."""
+    layer = moe.MoE(8, 16, 2, 1, capacity_factor=1.0)  # capacity 4 of the 8 copies per expert
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0] * 8, [-1.0] * 8]))  # every token to expert 0
+    x = torch.rand(1, 8, 8) + 0.1
+    mask = torch.tensor([[False] * 6 + [True] * 2])
+    y = layer(x, token_mask=mask)
+    assert layer.stats.dropped_tokens == 0
+    assert bool((y[0, 6:].abs().sum(-1) > 0).all())
+    dropless = moe.MoE(8, 16, 2, 1)
+    dropless.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(y[0, 6:], dropless(x[:, 6:])[0])
+
+
 def test_from_config_round_trip() -> None:
     cfg = moe.MoEConfig(
         dim=8,

@@ -173,3 +173,20 @@ def test_forecast_of_mixed_routers_matches_route_and_votes() -> None:
     for target, v in ahead:
         torch.testing.assert_close(v, votes(*route(routers[target], x)))
     assert forecast(routers, 2, x, lookahead=0) == (None, None, [])
+
+
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+def test_route_uses_the_routers_group_score(group_score: str) -> None:
+    from moe.config import AuxFreeConfig
+    from moe.offload.predict import route
+    from moe.routing import AuxFreeRouter
+
+    torch.manual_seed(0)
+    router = AuxFreeRouter(16, 16, 4, AuxFreeConfig(n_group=4, topk_group=2, group_score=group_score)).eval()
+    with torch.no_grad():
+        router.e_score_correction_bias.uniform_(-0.1, 0.1)
+    x = torch.randn(64, 16)
+    predicted = route(router, x)
+    assert predicted is not None
+    actual = router(x).expert_ids
+    assert torch.equal(predicted[1].sort(-1).values, actual.sort(-1).values)

@@ -28,7 +28,7 @@ def route(router: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         logits = x_TD.float() @ router.weight.float().t()
         scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else F.softmax(logits, dim=-1)
         ids = group_limited_topk(
-            scores + router.e_score_correction_bias.float(), router.top_k, cfg.n_group, cfg.topk_group
+            scores + router.e_score_correction_bias.float(), router.top_k, cfg.n_group, cfg.topk_group, cfg.group_score
         )
         return scores / scores.sum(-1, keepdim=True).clamp(min=1e-20), ids
     return None
