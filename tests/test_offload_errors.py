@@ -110,3 +110,37 @@ def test_bad_options(sharded: str) -> None:
         mo.load(sharded, "cpu", 4 * EXPERT_BYTES, "lru", miss="never")
     with pytest.raises(ValueError, match="scope"):
         mo.load(sharded, "cpu", 4 * EXPERT_BYTES, "lru", scope="row")
+
+
+def test_a_failed_read_is_not_cached() -> None:
+    """A read error reaches the caller once; the expert is not left resident with a dead copy."""
+    from moe.routing.topk import TopKRouter
+
+    failures = {"left": 1}
+
+    def reader(key: tuple[int, int], out: torch.Tensor) -> None:
+        if key == (0, 1) and failures["left"]:
+            failures["left"] -= 1
+            raise OSError("transient EIO")
+        out.fill_(0.01)
+
+    shape = mo.ExpertShape(4, 2, 4)
+    store = mo.ExpertStore(reader, {0: shape}, torch.float32, "cpu", ram_cache_bytes=0)
+    runtime = mo.OffloadRuntime(store, mo.OffloadConfig(2 * 4 * 24, "lru", miss="copy"), [TopKRouter(4, 4, 1)], [4])
+    x = torch.randn(1, 4)
+
+    def run(expert: int) -> torch.Tensor:
+        counts = torch.zeros(4, dtype=torch.long)
+        counts[expert] = 1
+        return runtime.run_layer(0, x, counts)
+
+    try:
+        with pytest.raises(OSError, match="transient EIO"):
+            run(1)
+        assert (0, 1) not in runtime.residency and (0, 1) not in store.device_entries
+        first = run(1)  # read again, now healthy
+        torch.testing.assert_close(run(1), first)
+        for expert in (2, 3):  # evictions of healthy experts raise nothing
+            run(expert)
+    finally:
+        runtime.close()

@@ -103,12 +103,19 @@ class CacheEngine:
                     res.insert(key, nbytes)
                     stats.copies += 1
                     stats.bytes_moved += nbytes
-                    self.fetch(key, False)
+                    self._fetch(key, False)
                     res.pinned.add(key)
                     yield key[1], "device"
                 res.pinned.discard(key)
         finally:
             res.pinned.difference_update(keys)
+
+    def _fetch(self, key: Key, prefetch: bool) -> None:
+        try:
+            self.fetch(key, prefetch)
+        except BaseException:
+            self.residency.evict(key)  # not resident after all (e.g. out of device memory)
+            raise
 
     def _correct(self, layer: int, used: set[int]) -> None:
         """Misprediction feedback: demote unused prefetches; raise the layer's confidence threshold
@@ -147,4 +154,4 @@ class CacheEngine:
             self.pending.setdefault(layer, set()).add(e)
             res.stats.prefetches += 1
             res.stats.bytes_moved += nbytes
-            self.fetch(key, True)
+            self._fetch(key, True)

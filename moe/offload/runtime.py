@@ -144,7 +144,12 @@ class OffloadRuntime:
         for e, where in self.engine.step(layer, needed, probs, ahead, on_cpu):  # type: ignore[arg-type]
             rows = slice(starts[e], starts[e + 1])
             if where == "device":
-                w_in, w_out = self.store.ready((layer, e))
+                try:
+                    w_in, w_out = self.store.ready((layer, e))
+                except BaseException:  # its read failed: drop it, so the next request reads it again
+                    if (layer, e) in self.residency:
+                        self.residency.evict((layer, e))
+                    raise
                 y_ND[rows] = self._mlp(x_ND[rows], w_in, w_out)
             else:
                 w_in, w_out = self.store.shapes[layer].views(self.store.host((layer, e)))

@@ -115,7 +115,8 @@ class ExpertStore:
 
     def host(self, key: Key) -> torch.Tensor:
         """The expert's coalesced buffer in RAM (read from disk if needed); blocks."""
-        return self._worker.submit(self._host, key).result()
+        buf = self._ram_get(key)  # in RAM: no need to queue behind the worker's pending reads
+        return buf if buf is not None else self._worker.submit(self._host, key).result()
 
     # ---- device tier ----
     def fetch(self, key: Key, prefetch: bool = False) -> DeviceEntry:
@@ -143,12 +144,16 @@ class ExpertStore:
                 entry = DeviceEntry(flat, future=self._worker.submit(copy_cpu))
             self.device_entries[key] = entry
             return entry
-        # Allocated on the copy stream, so the copy never writes a block that queued compute still reads
-        # (an evicted expert's); ready() records each compute-stream use before the block can be reused.
+        # Every buffer is allocated on the demand copy stream (one caching-allocator pool: two
+        # pools could together hold twice the budget); a prefetch copy on the other stream is
+        # recorded on the block, so it is not reused before that copy finishes. ready() records
+        # each compute-stream use the same way.
         stream = self.prefetch_stream if prefetch else self.copy_stream
-        assert stream is not None
-        with torch.cuda.stream(stream):
+        assert stream is not None and self.copy_stream is not None
+        with torch.cuda.stream(self.copy_stream):
             flat = torch.empty(self.shapes[key[0]].numel, dtype=self.dtype, device=self.device)
+        if stream is not self.copy_stream:
+            flat.record_stream(stream)
         event = torch.cuda.Event()
         entry = DeviceEntry(flat, event=event)
 
@@ -178,10 +183,10 @@ class ExpertStore:
         return self.shapes[key[0]].views(entry.flat)
 
     def drop(self, key: Key) -> None:
-        """Frees key's device buffer (after its copy finished)."""
-        entry = self.device_entries.pop(key)
-        if entry.future is not None:
-            entry.future.result()
+        """Frees key's device buffer: a copy still queued is cancelled, one under way is waited for."""
+        entry = self.device_entries.pop(key, None)
+        if entry is not None and entry.future is not None and not entry.future.cancel():
+            entry.future.exception()  # waits; a failed read must not fail the eviction that drops it
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
