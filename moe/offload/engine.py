@@ -122,6 +122,10 @@ class CacheEngine:
         when fewer than half of its prefetches were used, lower it when most were."""
         prefetched = self.pending.pop(layer, None)
         if not prefetched:
+            # Nothing was prefetched: ease the threshold, or a run of misses could raise it past
+            # every possible vote (votes are probabilities) and switch prefetching off for good.
+            if layer in self.threshold:
+                self.threshold[layer] *= 0.9
             return
         policy = self.residency.policy
         for e in prefetched - used:
@@ -142,16 +146,23 @@ class CacheEngine:
         if self.max_prefetch is not None:
             candidates = candidates[: self.max_prefetch]
         nbytes = self.expert_bytes(layer)
-        for e in candidates:
-            key = (layer, e)
-            if key in res or nbytes > res.pool_budget:
-                continue
-            # Evict only what the policy values less than this prediction (never a pinned expert).
-            floor = (1.0, votes[e], float("inf"))
-            if not res.make_room(key, nbytes, floor=floor):
-                continue
-            res.insert(key, nbytes, prefetched=True)
-            self.pending.setdefault(layer, set()).add(e)
-            res.stats.prefetches += 1
-            res.stats.bytes_moved += nbytes
-            self._fetch(key, True)
+        inserted: list[Key] = []
+        try:
+            for e in candidates:
+                key = (layer, e)
+                if key in res or nbytes > res.pool_budget:
+                    continue
+                # Evict only what the policy values less than this prediction (never a pinned
+                # expert, and so never an earlier, more confident prefetch of this call).
+                floor = (1.0, votes[e], float("inf"))
+                if not res.make_room(key, nbytes, floor=floor):
+                    continue
+                res.insert(key, nbytes, prefetched=True)
+                res.pinned.add(key)
+                inserted.append(key)
+                self.pending.setdefault(layer, set()).add(e)
+                res.stats.prefetches += 1
+                res.stats.bytes_moved += nbytes
+                self._fetch(key, True)
+        finally:
+            res.pinned.difference_update(inserted)
