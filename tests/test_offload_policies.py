@@ -190,3 +190,38 @@ def test_route_uses_the_routers_group_score(group_score: str) -> None:
     assert predicted is not None
     actual = router(x).expert_ids
     assert torch.equal(predicted[1].sort(-1).values, actual.sort(-1).values)
+
+
+def _engine_with_fetch_log(per_layer: int, layers: int) -> tuple[CacheEngine, Residency, list]:
+    from moe.offload.policies import Predictive
+
+    res = Residency(per_layer * layers, Predictive(), layers)
+    fetched: list = []
+    return CacheEngine(res, lambda layer: 1, fetch=lambda key, prefetch: fetched.append((key, prefetch))), res, fetched
+
+
+def test_a_prefetch_never_evicts_a_more_confident_one_of_the_same_step() -> None:
+    engine, res, fetched = _engine_with_fetch_log(2, 2)
+    for needed in ([0], []):  # layer 1 holds expert 0, now of low value
+        for _ in engine.step(1, needed, torch.tensor([0.97, 0.01, 0.01, 0.01])):
+            pass
+    fetched.clear()
+    votes = torch.tensor([0.0, 0.5, 0.3, 0.2])  # layer 0 predicts layer 1 needs e1 > e2 > e3
+    for _ in engine.step(0, [0], torch.tensor([1.0, 0, 0, 0]), lookahead=[(1, votes)]):
+        pass
+    assert [key for key, prefetch in fetched if prefetch] == [(1, 1)]
+    assert (1, 1) in res and res.stats.wasted_prefetches == 0
+
+
+def test_prefetching_recovers_after_a_run_of_bad_predictions() -> None:
+    """Misses raise a layer's confidence threshold; it must come down again when nothing passes
+    it, or a threshold above every possible vote (votes are probabilities) ends prefetching."""
+    engine, res, _ = _engine_with_fetch_log(2, 2)
+    engine.threshold[1] = 1.5  # where a run of wasted prefetches can leave it
+    right = torch.tensor([0.0, 0.9, 0.0, 0.0])
+    cycle = ((0, [0], [(1, right)]), (1, [1], []), (0, [0], []), (1, [2], []), (0, [0], []), (1, [3], []))
+    for _ in range(30):  # layer 1 cycles through experts 1, 2, 3 with room for 2: 1 keeps leaving
+        for layer, needed, ahead in cycle:
+            for _ in engine.step(layer, needed, torch.full((4,), 0.25), ahead):
+                pass
+    assert engine.threshold[1] < 0.9 and res.stats.prefetches > 0 and res.stats.prefetch_hits > 0
