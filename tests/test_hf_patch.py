@@ -95,3 +95,15 @@ def test_patch_counts_zero_and_rejects_a_bare_block() -> None:
     with pytest.raises(ValueError, match="for a bare OlmoeSparseMoeBlock call from_hf"):
         patch(block)
     assert isinstance(from_hf(block), moe.MoE)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_patch_turns_off_hf_router_logits_with_a_warning(family: str) -> None:
+    """HF's own balance loss would index router logits the patched blocks no longer record."""
+    model = tiny_model(family).train()
+    model.config.output_router_logits = True
+    with pytest.warns(UserWarning, match="output_router_logits"):
+        patch(model, aux_loss_coef=1e-2)
+    ids = torch.randint(3, 64, (2, 9))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss) and moe.aux_loss(model) > 0

@@ -25,6 +25,7 @@ Differences that remain, by design:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -189,6 +190,16 @@ def patch(model: nn.Module, *, backend: str = "auto", **router_overrides: Any) -
             f"patch() replaces blocks inside a model; for a bare {type(model).__name__} call from_hf(block)"
         )
     targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ in SUPPORTED_BLOCKS]
+    config = getattr(model, "config", None)
+    if targets and getattr(config, "output_router_logits", False):
+        # HF would look for router logits the patched blocks no longer record, and fail inside
+        # its load_balancing_loss_func; the balance loss now comes from moe.aux_loss(model).
+        warnings.warn(
+            "patch(): setting config.output_router_logits = False (HF cannot see the routers of the patched "
+            "blocks); add moe.aux_loss(model) to your loss for load balancing",
+            stacklevel=2,
+        )
+        config.output_router_logits = False
     for name, block in targets:
         spec = spec_for(block)
         layer, returns_logits = _build(block, spec, backend, router_overrides)
