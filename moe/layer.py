@@ -115,6 +115,7 @@ class MoE(nn.Module):
             backend=backend,  # type: ignore[arg-type]
         )
         cfg = self.config
+        self._custom_router = custom_router is not None
         if custom_router is not None:
             if getattr(custom_router, "num_experts", num_experts) != num_experts:
                 raise ValueError(f"router.num_experts ({custom_router.num_experts}) != num_experts ({num_experts})")
@@ -199,6 +200,8 @@ class MoE(nn.Module):
         seq_len = shape[-2] if x.dim() >= 3 else None
 
         routing = self.router(x_TD, token_mask=mask_T, seq_len=seq_len)
+        if self._custom_router:  # ours are right by construction; a user's gets checked (one host sync)
+            routing.check(x_TD.shape[0], cfg.num_experts)
         with torch.no_grad():
             counted = routing.expert_ids if mask_T is None else torch.where(mask_T.unsqueeze(1), routing.expert_ids, -1)
             self._load = count_tokens(counted, cfg.num_experts)

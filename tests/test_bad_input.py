@@ -69,3 +69,34 @@ def test_unknown_backend_on_device() -> None:
 
     with pytest.raises(ValueError, match="backend 'nope' cannot run grouped_mm"):
         ops.resolve("grouped_mm", "nope", torch.device("cpu"))
+
+
+class _FixedRouter(moe.Router):
+    """A user's router returning whatever it was given (for the Routing checks)."""
+
+    def __init__(self, ids: torch.Tensor, weights: torch.Tensor | None = None, **routing: object) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = 4, ids.shape[1]
+        self.ids, self.weights, self.routing = ids, weights, routing
+
+    def forward(self, x_TD: torch.Tensor, token_mask: object = None, seq_len: object = None) -> moe.Routing:
+        weights = torch.ones(self.ids.shape) if self.weights is None else self.weights
+        return moe.Routing(self.ids, weights, **self.routing)  # type: ignore[arg-type]
+
+
+def test_custom_router_routing_defaults_and_checks() -> None:
+    x = torch.randn(5, 8)
+    ids = torch.tensor([[0], [1], [2], [3], [1]])
+    # No max_copies given: it defaults to T * K (it was 0, which failed deep in a GEMM).
+    y = moe.MoE(8, 16, 4, 1, router=_FixedRouter(ids))(x)
+    assert y.shape == (5, 8) and torch.isfinite(y).all()
+    cases = [
+        (_FixedRouter(ids + 2), ValueError, r"expert_ids must be in \[-1, 4\), got values in \[2, 5\]"),
+        (_FixedRouter(ids.int()), TypeError, "int64"),
+        (_FixedRouter(ids[:3]), ValueError, r"\[T=5, K\]"),
+        (_FixedRouter(ids, torch.ones(5, 2)), ValueError, "shaped like expert_ids"),
+        (_FixedRouter(ids, max_copies=0), ValueError, "max_copies must be >= 1"),
+    ]
+    for router, error, message in cases:
+        with pytest.raises(error, match=message):
+            moe.MoE(8, 16, 4, 1, router=router)(x)

@@ -191,7 +191,7 @@ def patch(model: nn.Module, *, backend: str = "auto", **router_overrides: Any) -
         )
     targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ in SUPPORTED_BLOCKS]
     config = getattr(model, "config", None)
-    if targets and getattr(config, "output_router_logits", False):
+    if targets and config is not None and getattr(config, "output_router_logits", False):
         # HF would look for router logits the patched blocks no longer record, and fail inside
         # its load_balancing_loss_func; the balance loss now comes from moe.aux_loss(model).
         warnings.warn(

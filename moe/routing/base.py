@@ -23,13 +23,38 @@ class Routing:
         probs: [T, E] fp32 router probabilities (used for statistics and prediction), or None.
         max_copies: static upper bound on the number of routed copies (T * K for token-choice
             routers, E * C for expert choice); the dispatcher keeps shapes static with it.
+            Default (-1): T * K.
     """
 
     expert_ids: torch.Tensor
     weights: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     probs: torch.Tensor | None = None
-    max_copies: int = 0
+    max_copies: int = -1
+
+    def __post_init__(self) -> None:
+        if self.max_copies < 0:
+            self.max_copies = self.expert_ids.numel()
+
+    def check(self, num_tokens: int, num_experts: int, values: bool = True) -> None:
+        """ValueError/TypeError naming what is wrong unless this is a valid routing of num_tokens
+        tokens over num_experts experts. values=True also checks the ids' range (a host sync)."""
+        ids, w = self.expert_ids, self.weights
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            raise TypeError(f"Routing.expert_ids must be an int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
+        if ids.dim() != 2 or ids.shape[0] != num_tokens:
+            raise ValueError(f"Routing.expert_ids must be [T={num_tokens}, K], got shape {tuple(ids.shape)}")
+        if not isinstance(w, torch.Tensor) or w.shape != ids.shape or not w.is_floating_point():
+            raise ValueError(
+                f"Routing.weights must be a float tensor shaped like expert_ids {tuple(ids.shape)}, "
+                f"got {getattr(w, 'dtype', type(w))} {tuple(getattr(w, 'shape', ()))}"
+            )
+        if num_tokens and self.max_copies < 1:
+            raise ValueError(f"Routing.max_copies must be >= 1 for {num_tokens} tokens, got {self.max_copies}")
+        if values and ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < -1 or hi >= num_experts:
+                raise ValueError(f"Routing.expert_ids must be in [-1, {num_experts}), got values in [{lo}, {hi}]")
 
 
 class Router(nn.Module):
