@@ -144,3 +144,23 @@ def test_a_failed_read_is_not_cached() -> None:
             run(expert)
     finally:
         runtime.close()
+
+
+def test_a_missing_expert_tensor_is_found_at_load(sharded: str, tmp_path) -> None:  # noqa: ANN001
+    """One projection of one expert (not expert 0) missing: a CheckpointError at load time,
+    not an error in the middle of generation."""
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(sharded, tmp_path)
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    victim = next(k for k in index["weight_map"] if "layers.1." in k and "experts" in k and ("w2" in k or "down" in k))
+    if ".experts.0." in victim:
+        victim = victim.replace(".experts.0.", ".experts.3.")
+    shard = os.path.join(path, index["weight_map"].pop(victim))
+    tensors = load_file(shard)
+    del tensors[victim]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(mo.CheckpointError, match="incomplete|missing|disagree"):
+        mo.load(path, "cpu", 2 * 4 * EXPERT_BYTES, "lru")

@@ -195,7 +195,8 @@ class ShardReader:
             w_in.copy_(self.row(loc.fused_gate_up, loc.index).t())
             w_out.copy_(self.row(loc.fused_down, loc.index).t())
             return
-        assert loc.gate is not None and loc.up is not None and loc.down is not None
+        if loc.gate is None or loc.up is None or loc.down is None:
+            raise CheckpointError(f"expert tensors incomplete: gate={loc.gate}, up={loc.up}, down={loc.down}")
         w_in[:, :i].copy_(self.tensor(loc.gate).t())
         w_in[:, i:].copy_(self.tensor(loc.up).t())
         w_out.copy_(self.tensor(loc.down).t())

@@ -111,12 +111,13 @@ def _check_experts(idx: ExpertIndex, reader: ShardReader, layers: list[tuple[int
                 f"config does not match weights: layer {number} has experts {have[:3]}..{have[-3:] if have else []} "
                 f"({len(have)}) in the checkpoint, config.json says {cfg.num_experts}"
             )
-        d, i = reader.expert_shapes(idx.experts[(number, 0)])
-        if (d, i) != (cfg.dim, cfg.hidden_dim):
-            raise CheckpointError(
-                f"config does not match weights: layer {number} experts are [dim={d}, hidden={i}] in the checkpoint, "
-                f"config.json says [dim={cfg.dim}, hidden={cfg.hidden_dim}]"
-            )
+        for e in range(cfg.num_experts):  # headers only: every expert, so none fails mid-generation
+            d, i = reader.expert_shapes(idx.experts[(number, e)])
+            if (d, i) != (cfg.dim, cfg.hidden_dim):
+                raise CheckpointError(
+                    f"config does not match weights: layer {number} expert {e} is [dim={d}, hidden={i}] in the "
+                    f"checkpoint, config.json says [dim={cfg.dim}, hidden={cfg.hidden_dim}]"
+                )
 
 
 def load(
