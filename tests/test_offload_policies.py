@@ -225,3 +225,22 @@ def test_prefetching_recovers_after_a_run_of_bad_predictions() -> None:
             for _ in engine.step(layer, needed, torch.full((4,), 0.25), ahead):
                 pass
     assert engine.threshold[1] < 0.9 and res.stats.prefetches > 0 and res.stats.prefetch_hits > 0
+
+
+@pytest.mark.parametrize("kind", ["expert_choice", "recurrent", "aux_free"])
+def test_recorder_records_every_router_kind(kind: str) -> None:
+    from moe import MoE
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[MoE(16, 8, 8, 2, router=kind) for _ in range(3)])
+    x = torch.randn(6, 16)
+    with mo.TraceRecorder(layers, lookahead=1) as rec, torch.no_grad():
+        layers(x)
+    trace = rec.trace()
+    assert trace.num_steps == 3 and all(trace.needed(s) for s in range(3))
+    h = x
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            routed = layer.router(h).expert_ids
+            assert set(trace.needed(i)) == set(routed[routed >= 0].tolist())
+            h = layer(h)

@@ -145,8 +145,10 @@ class TraceRecorder:
             model.generate(...)
         rec.trace().save("run.safetensors")
 
-    Each forward of each MoE layer is one step; the lookahead predictions apply the next layers'
-    routers to this layer's input.
+    Each forward of each MoE layer is one step: the experts its router chose (before any capacity
+    drop; padding tokens excluded), recorded from the router's output, so every router kind is
+    recorded; the lookahead predictions apply the next layers' routers to this layer's input
+    (routers moe.offload.predict.route cannot evaluate contribute no prediction).
     """
 
     def __init__(self, model: torch.nn.Module, lookahead: int = 1) -> None:
@@ -164,7 +166,7 @@ class TraceRecorder:
 
     def __enter__(self) -> TraceRecorder:
         for i, layer in enumerate(self.layers):
-            self.handles.append(layer.register_forward_pre_hook(self._hook(i)))
+            self.handles.append(layer.router.register_forward_hook(self._hook(i), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -177,12 +179,19 @@ class TraceRecorder:
 
         routers = [m.router for m in self.layers]
 
-        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x_TD = args[0].reshape(-1, args[0].shape[-1])
-            probs, picked, ahead = forecast(routers, i, x_TD, self.lookahead)
-            if probs is None or picked is None:
-                return
-            self.builder.add(i, picked.nonzero().flatten().tolist(), probs, ahead)
+        def hook(router: torch.nn.Module, args: tuple, kwargs: dict, routing: object) -> None:
+            # The router's own decision (any router kind; padding tokens excluded), and the
+            # later layers' routers applied to this layer's input for the lookahead.
+            x_TD = args[0]
+            ids = routing.expert_ids  # type: ignore[attr-defined]
+            mask = kwargs.get("token_mask")
+            if mask is not None:
+                ids = ids[mask.reshape(-1)]
+            needed = sorted(set(ids[ids >= 0].tolist()))
+            probs_TE = routing.probs  # type: ignore[attr-defined]
+            probs = None if probs_TE is None else probs_TE.float().mean(0).cpu()
+            _, _, ahead = forecast(routers, i, x_TD, self.lookahead)
+            self.builder.add(i, needed, probs, ahead)
 
         return hook
 
