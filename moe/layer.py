@@ -240,6 +240,13 @@ class MoE(nn.Module):
         self.aux_losses = routing.aux_losses
         return y_TD.to(in_dtype).view(shape)
 
+    def __getstate__(self) -> dict:
+        # aux_losses of the last forward belong to its autograd graph: a copy (copy.deepcopy for
+        # an EMA or evaluation model, pickling) starts without them.
+        state = dict(self.__dict__)
+        state["aux_losses"] = {}
+        return state
+
     def _shared_output(self, x_TD: torch.Tensor) -> torch.Tensor | None:
         if self.shared_experts is None:
             return None

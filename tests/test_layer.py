@@ -205,3 +205,18 @@ def test_state_dict_round_trips_exactly() -> None:
     b.load_state_dict(a.state_dict())
     x = torch.randn(5, 8)
     assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("router", ["topk", "recurrent", "aux_free"])
+def test_deepcopy_after_a_training_forward(router: str) -> None:
+    """The EMA / evaluation-copy pattern: copies carry weights, not the last pass's graph."""
+    import copy
+
+    layer = moe.MoE(8, 16, 4, 2, router=router).train()
+    x = torch.randn(5, 8)
+    layer(x).sum().backward()
+    twin = copy.deepcopy(layer)
+    assert twin.aux_losses == {}
+    for a, b in zip(layer.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(twin(x), layer(x))

@@ -217,6 +217,29 @@ def test_recurrent_state_is_safe_under_activation_checkpointing() -> None:
         torch.testing.assert_close(ckpt[name], plain[name], msg=name)
 
 
+def test_recurrent_checkpointing_with_two_forwards_before_backward() -> None:
+    """Gradient accumulation over two batches in one backward: each recomputation must use
+    its own pass's recurrent state (one slot per layer gave the second pass's to both)."""
+    torch.manual_seed(1)
+    model = _stack(3)
+    xs = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+
+    def run(ckpt: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        loss = torch.zeros(())
+        for x in xs:
+            h = x
+            for layer in model:
+                h = h + (checkpoint(layer, h, use_reentrant=False) if ckpt else layer(h))
+            loss = loss + h.square().sum()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = run(False), run(True)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], msg=name)
+
+
 def test_recurrent_out_of_order_call_is_a_clear_error() -> None:
     model = _stack(2)
     with pytest.raises(RuntimeError, match="ran before router 0"):

@@ -12,12 +12,19 @@ How the state is scoped (no change to the model's forward is needed):
   router i - 1 has not run in this pass or ran on a different number of tokens.
 - Activation checkpointing (non-reentrant, torch's recommended mode): when a layer is
   recomputed during backward, its router reuses the input state it saw in the original
-  forward (stored per layer, detached) and does not touch the chain, so recomputation gives
-  the same values and the gradient to earlier layers flows through the original graph.
+  forward and does not touch the chain, so recomputation gives the same values and the
+  gradient to earlier layers flows through the original graph. The states of the last
+  MAX_PASSES grad-enabled passes are kept per layer (detached: they share memory with the
+  graph's own), each with a fingerprint of the router input, so a recomputation finds the
+  state of its own pass when several forwards precede one backward (gradient accumulation
+  over a pair of batches, say); none is kept under no_grad. A recomputation that finds no
+  matching pass raises instead of computing with another pass's state.
   Reentrant checkpointing cuts any state not passed as an argument: do not use it here.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 from torch import nn
@@ -27,9 +34,18 @@ from moe.routing.base import Router, Routing
 from moe.routing.topk import router_losses, softmax_topk
 
 
+MAX_PASSES = 4  # forward passes whose input states are kept for activation-checkpoint recompute
+
+
 def _in_backward() -> bool:
     # -1 outside the autograd engine; checkpoint recomputation runs inside a graph task.
     return torch._C._current_graph_task_id() != -1
+
+
+def _fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """Two sums of x, computed on x's device (no host sync); recomputation reproduces x bitwise."""
+    x = x.detach().float()
+    return torch.stack([x.sum(), x.abs().sum()])
 
 
 class RecurrentCore(nn.Module):
@@ -40,9 +56,17 @@ class RecurrentCore(nn.Module):
         self.recurrent_dim = recurrent_dim
         self.cell = nn.GRUCell(recurrent_dim, recurrent_dim)
         self.num_layers = 0
-        self._h_in: dict[int, torch.Tensor] = {}
+        # layer -> (fingerprint of its router input, its input state) of the last MAX_PASSES passes
+        self._h_in: dict[int, deque[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._h_last: torch.Tensor | None = None
         self._last_index = -1
+
+    def __getstate__(self) -> dict:
+        # The chain of the last pass is part of its autograd graph (copy.deepcopy and pickling
+        # refuse non-leaf tensors) and means nothing to a copy: copies start fresh.
+        state = dict(self.__dict__)
+        state.update(_h_in={}, _h_last=None, _last_index=-1)
+        return state
 
     def attach(self) -> int:
         """Registers one more router and returns its layer index."""
@@ -50,16 +74,27 @@ class RecurrentCore(nn.Module):
         return self.num_layers - 1
 
     def reset(self) -> None:
-        """Drops the state of the last pass (it is reset automatically by layer 0 anyway)."""
+        """Drops the chain and every kept state (layer 0 restarts the chain by itself)."""
         self._h_in.clear()
         self._h_last, self._last_index = None, -1
 
+    def _recompute(self, layer_index: int, x_TR: torch.Tensor) -> torch.Tensor:
+        mark = _fingerprint(x_TR)
+        for seen, h_in in reversed(self._h_in[layer_index]):
+            if seen.shape == mark.shape and torch.equal(seen, mark):
+                return self.cell(x_TR, h_in.to(x_TR.dtype))
+        raise RuntimeError(
+            f"recurrent router {layer_index}: activation-checkpoint recomputation found no forward pass with this "
+            f"input among the last {MAX_PASSES} (more forwards than that before one backward, or the input changed); "
+            "run backward sooner or do not checkpoint the layers of recurrent routers"
+        )
+
     def step(self, layer_index: int, x_TR: torch.Tensor) -> torch.Tensor:
         """h_i = GRUCell(x_TR, h_{i-1}) for the router at layer_index; returns h_i [T, R]."""
-        if _in_backward() and layer_index in self._h_in:
-            return self.cell(x_TR, self._h_in[layer_index].to(x_TR.dtype))
+        if _in_backward() and self._h_in.get(layer_index):
+            return self._recompute(layer_index, x_TR)
         if layer_index == 0:
-            self.reset()
+            self._h_last, self._last_index = None, -1
             h_prev = x_TR.new_zeros(x_TR.shape[0], self.recurrent_dim)
         else:
             h_last = self._h_last
@@ -75,8 +110,10 @@ class RecurrentCore(nn.Module):
                     f"{layer_index - 1} got {h_last.shape[0]}; all tied layers must see the same tokens"
                 )
             h_prev = h_last
-        # Recomputation must save the same tensors as this forward: keep requires_grad.
-        self._h_in[layer_index] = h_prev.detach().requires_grad_(h_prev.requires_grad)
+        if torch.is_grad_enabled():
+            # Recomputation must save the same tensors as this forward: keep requires_grad.
+            kept = self._h_in.setdefault(layer_index, deque(maxlen=MAX_PASSES))
+            kept.append((_fingerprint(x_TR), h_prev.detach().requires_grad_(h_prev.requires_grad)))
         h = self.cell(x_TR, h_prev)
         self._h_last, self._last_index = h, layer_index
         return h
