@@ -33,7 +33,6 @@ from moe.config import RecurrentConfig
 from moe.routing.base import Router, Routing
 from moe.routing.topk import router_losses, softmax_topk
 
-
 MAX_PASSES = 4  # forward passes whose input states are kept for activation-checkpoint recompute
 
 
