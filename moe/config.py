@@ -224,8 +224,10 @@ class MoEConfig:
                 )
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
-        if self.capacity_factor is not None and not self.capacity_factor >= 0:
-            raise ValueError(f"capacity_factor must be None/0 (dropless) or > 0, got {self.capacity_factor}")
+        if self.capacity_factor is not None and not 0 <= self.capacity_factor < float("inf"):
+            raise ValueError(
+                f"capacity_factor must be None/0 (dropless) or a finite number > 0, got {self.capacity_factor}"
+            )
         if self.router == "aux_free" and isinstance(self.router_config, AuxFreeConfig):
             cfg = self.router_config
             if self.num_experts % cfg.n_group:

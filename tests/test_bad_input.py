@@ -19,6 +19,7 @@ import moe
         (dict(activation="relu"), ValueError, r"activation must be one of"),
         (dict(backend="cuda"), ValueError, r"backend must be one of"),
         (dict(capacity_factor=-1.0), ValueError, r"capacity_factor must be"),
+        (dict(capacity_factor=float("inf")), ValueError, r"capacity_factor must be .* finite"),
         (dict(num_shared_experts=-1), ValueError, r"num_shared_experts must be >= 0"),
         (dict(shared_expert_gate=True), ValueError, r"shared_expert_gate=True needs num_shared_experts"),
         (dict(router="aux_free", n_group=3), ValueError, r"num_experts \(4\) must be divisible by n_group \(3\)"),
@@ -100,3 +101,16 @@ def test_custom_router_routing_defaults_and_checks() -> None:
     for router, error, message in cases:
         with pytest.raises(error, match=message):
             moe.MoE(8, 16, 4, 1, router=router)(x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_negative_counts_and_odd_swiglu_widths_are_clear_errors(backend: str) -> None:
+    from moe import ops
+
+    if backend not in ops.backends_for("grouped_mm", torch.device("cpu")):
+        pytest.skip(f"backend {backend} not available here")
+    x, w = torch.randn(5, 3), torch.randn(3, 3, 4)
+    with pytest.raises(ValueError, match=r"counts\[1\] = -1 is negative"):
+        ops.grouped_mm(x, w, torch.tensor([3, -1, 2]), backend)
+    with pytest.raises(ValueError, match="even"):
+        ops.swiglu(torch.randn(4, 5), backend)

@@ -51,6 +51,9 @@ def _usable(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _offsets(counts_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, int]:
     """(int32 end offsets [E], total rows); ValueError if counts need more rows than there are."""
+    if counts_E.numel() and int(counts_E.min()) < 0:
+        e = int(torch.argmin(counts_E))
+        raise ValueError(f"counts[{e}] = {int(counts_E[e])} is negative; counts are rows per expert")
     ends = torch.cumsum(counts_E, 0)
     total = int(ends[-1]) if ends.numel() else 0
     if total > num_rows:

@@ -6,6 +6,10 @@ import torch
 
 
 def _segment_bounds(counts_E: torch.Tensor, num_rows: int) -> list[tuple[int, int, int]]:
+    counts = counts_E.tolist()
+    for e, c in enumerate(counts):
+        if c < 0:
+            raise ValueError(f"counts[{e}] = {c} is negative; counts are rows per expert")
     ends = torch.cumsum(counts_E, 0).tolist()
     if ends and ends[-1] > num_rows:
         raise ValueError(f"counts sum to {ends[-1]} but x has only {num_rows} rows")

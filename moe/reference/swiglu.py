@@ -15,5 +15,7 @@ def swiglu(h_NF: torch.Tensor) -> torch.Tensor:
     Returns:
         [N, H] in h's dtype.
     """
+    if h_NF.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dim [gate | up], got {h_NF.shape[-1]}")
     gate, up = h_NF.chunk(2, dim=-1)
     return F.silu(gate) * up
