@@ -107,7 +107,7 @@ def main() -> None:
     start = time.perf_counter()
     om = mo.load(
         model_dir, args.device, budget, args.policy, scope=args.scope, lookahead=args.lookahead, miss=args.miss,
-        ram_cache_bytes=ram, dtype=dtype, progress=True,
+        ram_cache_bytes=ram, dtype=dtype, progress=True, record_trace=True,  # for Belady on the same trace
     )  # fmt: skip
     print(f"loaded in {time.perf_counter() - start:.1f}s; expert cache {budget / 2**20:.1f} MiB", file=sys.stderr)
 

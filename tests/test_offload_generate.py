@@ -168,7 +168,7 @@ def test_nothing_unpickled(mixtral, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_recorded_trace_replays_to_live_counters(mixtral, tmp_path) -> None:
     path, _, layers = mixtral
     for policy in ("lru", "lfu", "predictive"):
-        om = mo.load(path, "cpu", 2 * layers * EXPERT_BYTES, policy, miss="copy")
+        om = mo.load(path, "cpu", 2 * layers * EXPERT_BYTES, policy, miss="copy", record_trace=True)
         try:
             om.model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
             trace = om.runtime.recorded_trace()

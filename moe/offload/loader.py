@@ -131,7 +131,7 @@ def load(
     miss: str = "auto",
     ram_cache_bytes: int | None = None,
     dtype: torch.dtype | None = None,
-    record_trace: bool = True,
+    record_trace: bool = False,
     progress: bool = False,
 ) -> OffloadedModel:
     """Loads a transformers MoE model directory with its routed experts offloaded.

@@ -39,7 +39,8 @@ class OffloadConfig:
         miss: "copy" (always copy a miss), "cpu" (compute every miss where it lives), or "auto"
             (cost model per miss; on a CPU device the device is the CPU, so "auto" copies).
         ram_cache_bytes: RAM tier budget (None = unlimited, 0 = stream from disk).
-        record_trace: keep the routing of every step (for Belady and replays).
+        record_trace: keep the routing of every step (for Belady and replays; ~4 KB per layer step
+            at E = 256, so off by default: a long serving run would grow without bound).
     """
 
     expert_cache_bytes: int
@@ -48,7 +49,7 @@ class OffloadConfig:
     lookahead: int = 1
     miss: str = "auto"
     ram_cache_bytes: int | None = None
-    record_trace: bool = True
+    record_trace: bool = False
 
     def __post_init__(self) -> None:
         if self.miss not in MISS_MODES:
@@ -162,7 +163,13 @@ class OffloadRuntime:
         return activate(h, self.activation) @ w_out_HD.to(x_ND.dtype)
 
     def recorded_trace(self) -> Trace:
-        """The routing of every step so far, as a Trace (replay it with moe.offload.simulate)."""
+        """The routing of every step so far, as a Trace (replay it with moe.offload.simulate).
+
+        Raises:
+            ValueError: the runtime was built with record_trace=False (the default).
+        """
+        if not self.config.record_trace:
+            raise ValueError("no trace recorded: load with record_trace=True (moe.offload.load / OffloadConfig)")
         return self.trace.build(expert_bytes=self.store.expert_bytes(0))
 
     def close(self) -> None:
