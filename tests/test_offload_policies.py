@@ -244,3 +244,20 @@ def test_recorder_records_every_router_kind(kind: str) -> None:
             routed = layer.router(h).expert_ids
             assert set(trace.needed(i)) == set(routed[routed >= 0].tolist())
             h = layer(h)
+
+
+def test_a_prefetch_that_cannot_fit_evicts_nothing() -> None:
+    """Global pool, experts of different sizes: evicting the one low-value resident would not
+    free enough for the prediction, so nothing is evicted (it was evicted, then the prefetch gave up)."""
+    from moe.offload.policies import Predictive
+
+    size = {0: 2, 1: 7, 2: 4}
+    res = Residency(10, Predictive(), 3, "global")
+    engine = CacheEngine(res, size.__getitem__)
+    for layer, e, p in ((0, 0, 0.1), (1, 0, 0.9), (0, None, 0.1)):
+        for _ in engine.step(layer, [] if e is None else [e], torch.tensor([p, 1 - p])):
+            pass
+    assert sorted(res.size) == [(0, 0), (1, 0)]
+    for _ in engine.step(1, [0], torch.tensor([0.9, 0.1]), lookahead=[(2, torch.tensor([0.5, 0.0]))]):
+        pass
+    assert sorted(res.size) == [(0, 0), (1, 0)] and res.stats.prefetches == 0

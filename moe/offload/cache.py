@@ -119,6 +119,13 @@ class Residency:
         """
         self.check_fits(nbytes, f"expert {key}")
         pool = self.pool(key)
+        if floor is not None:
+            # All or nothing: evict only if the residents ranked below the floor free enough
+            # (experts of different sizes share a global pool: a partial eviction would be waste).
+            need = self.used.get(pool, 0) + nbytes - self.pool_budget
+            below = [k for k in self.members.get(pool, ()) if k not in self.pinned and self.policy.rank(k) < floor]
+            if sum(self.size[k] for k in below) < need:
+                return False
         while self.used.get(pool, 0) + nbytes > self.pool_budget:
             candidates = [k for k in self.members.get(pool, ()) if k not in self.pinned]
             if not candidates:
