@@ -94,3 +94,22 @@ def test_layout_units_cover_every_expert_once_and_roundtrip(experts: int, hidden
             assert plan.out_splits == [p.in_splits[r] for p in plans]
         local = mode == 1 or world == 1 or (experts < world and mode == world // experts)
         assert plans[0].local == local
+
+
+def test_nccl_ranks_that_never_chose_their_gpu_get_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from moe.parallel import comm
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.warns(UserWarning, match=r"torch.cuda.set_device"):
+        comm.warn_if_device_unset()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    comm.warn_if_device_unset()  # set: silent
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    comm.warn_if_device_unset()  # one visible GPU per process: silent

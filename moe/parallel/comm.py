@@ -10,6 +10,8 @@ Shape legend: N rows sent, M rows received, W ranks.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,6 +110,23 @@ def collective_device(group: Any = None) -> torch.device:
         if accelerator is not None:
             return torch.device(accelerator.type, torch.get_device_module(accelerator.type).current_device())
     return torch.device("cpu")
+
+
+def warn_if_device_unset(group: Any = None) -> None:
+    """Under NCCL every rank must work on its own GPU: torchrun's LOCAL_RANK says which. When a
+    process sees several GPUs and the current one is not LOCAL_RANK's, every rank's bookkeeping
+    tensors would land on one GPU (NCCL then fails with an unclear error or hangs)."""
+    if "nccl" not in str(dist.get_backend(group)) or not torch.cuda.is_available():
+        return
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or torch.cuda.device_count() <= int(local):
+        return  # not launched by torchrun, or one GPU per process (CUDA_VISIBLE_DEVICES)
+    if torch.cuda.current_device() != int(local):
+        warnings.warn(
+            f"LOCAL_RANK is {local} but the current CUDA device is {torch.cuda.current_device()}: call "
+            "torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) before building expert-parallel layers",
+            stacklevel=3,
+        )
 
 
 def exchange_counts(counts_WC: torch.Tensor, group: Any = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moe.config import MoEConfig
-from moe.parallel.comm import check_same_config
+from moe.parallel.comm import check_same_config, warn_if_device_unset
 from moe.parallel.dispatcher import ExpertParallelDispatcher
 from moe.parallel.experts import ParallelExperts
 from moe.parallel.layout import valid_modes
@@ -74,6 +74,7 @@ class ExpertParallel:
                 "dist.init_process_group(...) first (torchrun sets the environment)"
             )
         self.group = group
+        warn_if_device_unset(group)
         world = dist.get_world_size(group)
         pinned = Plan.parse(plan) if isinstance(plan, str) else plan
         check_same_config(config_fingerprint(config, world, pinned, repr(planner_config), local_size), group)
