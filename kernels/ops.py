@@ -28,6 +28,19 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(counts_E, 0, dtype=torch.int64), (1, 0))
 
 
+def _kernel_layout(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as the kernels can address it: 1-D index/scale vectors contiguous (read with stride 1),
+    and no stride * extent past int32 in a dimension the kernels index with int32 offsets
+    (only the row dimension is int64): such a (transposed, strided) input is copied."""
+    if t is None:
+        return None
+    if t.dim() == 1:
+        return t.contiguous()
+    if any(st * (n - 1) >= 2**31 for st, n in zip(t.stride()[1:], t.shape[1:], strict=True)):
+        return t.contiguous()
+    return t
+
+
 def _kernels():  # type: ignore[no-untyped-def]
     from . import grouped_gemm
 
@@ -44,6 +57,7 @@ def _gmm(
     swiglu: bool,
     store_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    x, w, token_idx, row_scale = (_kernel_layout(t) for t in (x, w, token_idx, row_scale))
     return _kernels().gmm_forward(x, w, _offsets(counts), token_idx, row_scale, swiglu, store_pre)
 
 
@@ -63,6 +77,7 @@ def _gmm_wgrad(
     token_idx: torch.Tensor | None,
     row_scale: torch.Tensor | None,
 ) -> torch.Tensor:
+    x, dy, token_idx, row_scale = (_kernel_layout(t) for t in (x, dy, token_idx, row_scale))
     return _kernels().gmm_wgrad(x, dy, _offsets(counts), token_idx, row_scale)
 
 
@@ -99,7 +114,9 @@ def _backward(ctx, dy, _dpre):  # type: ignore[no-untyped-def]
     w_t = w.transpose(1, 2)
     dx_rows = ds = dx = dw = None
     if ctx.swiglu:
-        if pre.shape[0] != dy.shape[0]:  # forward did not keep h: recompute it
+        if pre.shape[0] != dy.shape[0] or torch.is_grad_enabled():
+            # Forward did not keep h, or create_graph=True: the kept h is a constant to autograd,
+            # so recompute it differentiably (else second derivatives through h would be lost).
             pre = _gmm(x, w, counts, token_idx, None, False, False)[0]
         dz = dy.float()
         if row_scale is not None:
@@ -128,6 +145,34 @@ def _backward(ctx, dy, _dpre):  # type: ignore[no-untyped-def]
 
 
 _gmm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _wgrad_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    ctx.save_for_backward(*inputs)
+
+
+def _wgrad_backward(ctx, ddw):  # type: ignore[no-untyped-def]
+    # dw[e] = sum over rows r of e: x[idx_r]^T (s_r dy_r). Needed for gradients of gradients.
+    x, dy, counts, token_idx, row_scale = ctx.saved_tensors
+    need_x, need_dy, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+    dx = ddy = ds = None
+    if need_dy or (need_s and row_scale is not None):
+        xw = _gmm(x, ddw, counts, token_idx, None, False, False)[0]  # [M, N]: x[idx_r] @ ddw[e]
+        if need_dy:
+            ddy = xw if row_scale is None else (xw.float() * row_scale.float()[:, None]).to(dy.dtype)
+        if need_s and row_scale is not None:
+            ds = (xw.float() * dy.float()).sum(1).to(row_scale.dtype)
+    if need_x:
+        rows = _gmm(dy, ddw.transpose(1, 2), counts, None, row_scale, False, False)[0]  # [M, K]
+        if token_idx is None:
+            dx = rows
+        else:
+            dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            dx = dx.index_add_(0, token_idx, rows.float()).to(x.dtype)
+    return dx, ddy, None, None, ds
+
+
+_gmm_wgrad.register_autograd(_wgrad_backward, setup_context=_wgrad_setup_context)
 
 
 def _check(
@@ -164,9 +209,17 @@ def _check(
     tensors = [t for t in (w, counts_E, token_idx_M, weights_M) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"all inputs must be on x's device {x.device}; got {[str(t.device) for t in tensors]}")
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and int(counts_E.sum()) > rows:
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         # Checked where it costs no device sync; on CUDA rows past `rows` are never written.
-        raise ValueError(f"counts sum to {int(counts_E.sum())} but there are only {rows} rows")
+        if counts_E.numel() and int(counts_E.min()) < 0:
+            e = int(torch.argmin(counts_E))
+            raise ValueError(f"counts[{e}] = {int(counts_E[e])} is negative; counts are rows per expert")
+        if int(counts_E.sum()) > rows:
+            raise ValueError(f"counts sum to {int(counts_E.sum())} but there are only {rows} rows")
+        if token_idx_M is not None and token_idx_M.numel():
+            lo, hi = int(token_idx_M.min()), int(token_idx_M.max())
+            if lo < 0 or hi >= x.shape[0]:
+                raise ValueError(f"token_idx must be in [0, {x.shape[0]}) (rows of x); got values in [{lo}, {hi}]")
 
 
 def fused_grouped_mm(

@@ -200,14 +200,17 @@ def test_layer_double_backward_matches_reference() -> None:
     import moe
 
     torch.manual_seed(0)
-    layers = {b: moe.MoE(6, 5, 4, 2, backend=b).double() for b in ("reference", "cpp")}
-    layers["cpp"].load_state_dict(layers["reference"].state_dict())
+    layers = {b: moe.MoE(6, 5, 4, 2, backend=b).double() for b in ("reference", "cpp", "torch")}
+    for b in ("cpp", "torch"):
+        layers[b].load_state_dict(layers["reference"].state_dict())
     second = {}
     for b, layer in layers.items():
         x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-        second[b] = torch.autograd.grad(g.pow(2).sum(), x)[0]
+        # An input-gradient penalty and a weight-gradient penalty (through dW: the wgrad op's own backward).
+        g_x, g_w = torch.autograd.grad(layer(x).pow(2).sum(), (x, layer.experts.w_out), create_graph=True)
+        second[b] = torch.autograd.grad(g_x.pow(2).sum() + g_w.pow(2).sum(), x)[0]
     assert_close(second["cpp"], second["reference"])
+    assert_close(second["torch"], second["reference"])
 
 
 # ---------------------------------------------------------------- swiglu

@@ -218,6 +218,9 @@ def test_bad_input() -> None:
         (ValueError, lambda: kops.grouped_mm(x, w, torch.tensor([5]))),  # counts not [E]
         (ValueError, lambda: kops.grouped_mm(x, w, counts.float())),  # float counts
         (ValueError, lambda: kops.grouped_mm(x, w, torch.tensor([4, 3]))),  # counts sum > rows
+        (ValueError, lambda: kops.grouped_mm(x, w, torch.tensor([6, -1]))),  # negative count
+        (ValueError, lambda: kops.gather_grouped_mm(x, w, counts, torch.tensor([0, 1, 5, 2, 3]))),  # idx >= T
+        (ValueError, lambda: kops.gather_grouped_mm(x, w, counts, torch.tensor([0, 1, -3, 2, 3]))),  # idx < 0
         (ValueError, lambda: kops.fused_grouped_mm(x, torch.randn(2, 8, 5), counts, activation="swiglu")),
         (ValueError, lambda: kops.fused_grouped_mm(x, w, counts, activation="relu")),  # type: ignore[arg-type]
         (ValueError, lambda: kops.gather_grouped_mm(x, w, counts, torch.zeros(5))),  # float token_idx
@@ -227,6 +230,29 @@ def test_bad_input() -> None:
     for error, call in cases:
         with pytest.raises(error):
             call()
+
+
+def test_strided_index_and_weight_vectors() -> None:
+    """token_idx / weights that are column views (stride 2) read the right elements."""
+    x_t, w, counts = torch.randn(4, 8), torch.randn(3, 8, 6), torch.tensor([3, 0, 2])
+    idx = torch.randint(0, 4, (5, 2))[:, 1]
+    weights = torch.rand(5, 2)[:, 1]
+    assert idx.stride() == (2,) and weights.stride() == (2,)
+    got = kops.fused_grouped_mm(x_t, w, counts, token_idx_M=idx, weights_M=weights)
+    torch.testing.assert_close(got, oracle(x_t, w, counts, idx, weights, False), **TOL[torch.float32])
+
+
+def test_layer_gradients_of_gradients_match_reference() -> None:
+    """create_graph through the fused SwiGLU (its kept pre-activation) and through dW (a weight penalty)."""
+    torch.manual_seed(0)
+    layers = {b: moe.MoE(6, 5, 4, 2, backend=b) for b in ("reference", "triton")}
+    layers["triton"].load_state_dict(layers["reference"].state_dict())
+    out = {}
+    for b, layer in layers.items():
+        x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        g_x, g_w = torch.autograd.grad(layer(x).pow(2).sum(), (x, layer.experts.w_in), create_graph=True)
+        out[b] = torch.autograd.grad(g_x.pow(2).sum() + g_w.pow(2).sum(), x)[0]
+    torch.testing.assert_close(out["triton"], out["reference"], rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the "triton" backend and the layer

@@ -33,7 +33,8 @@ def _(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def register_autograd(op: torch.library.CustomOpDef, wgrad_op: torch.library.CustomOpDef) -> None:
-    """The backward of a grouped_mm op: dX = op(dY, w^T) (a view), dW = wgrad_op(x, dY)."""
+    """The backward of a grouped_mm op: dX = op(dY, w^T) (a view), dW = wgrad_op(x, dY); and of
+    wgrad_op (gradients of gradients through dW): d x = op(dY, ddW^T), d dY = op(x, ddW)."""
 
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
         ctx.save_for_backward(*inputs)
@@ -46,6 +47,14 @@ def register_autograd(op: torch.library.CustomOpDef, wgrad_op: torch.library.Cus
         return dx, dw, None
 
     op.register_autograd(backward, setup_context=setup_context)
+
+    def wgrad_backward(ctx, ddw):  # type: ignore[no-untyped-def]
+        x, dy, counts = ctx.saved_tensors
+        dx = op(dy.contiguous(), ddw.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+        ddy = op(x, ddw, counts) if ctx.needs_input_grad[1] else None
+        return dx, ddy, None
+
+    wgrad_op.register_autograd(wgrad_backward, setup_context=setup_context)
 
 
 register_autograd(_grouped_mm, _grouped_mm_wgrad)
