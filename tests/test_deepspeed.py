@@ -191,6 +191,11 @@ def unprepared_is_refused(rank: int, moe_ds: Any, tmp: Path) -> None:
             dist.broadcast(p, src=0)
     with pytest.raises(ValueError, match="identical expert weights"):
         moe_ds.check(merged)
+    upcycled = _engine(moe_ds, 1)
+    with torch.no_grad():  # sparse upcycling: every expert a copy of one dense MLP, on every rank
+        for p in (upcycled.module.moe.experts.w_in, upcycled.module.moe.experts.w_out):
+            p.copy_(torch.linspace(-1, 1, p[0].numel()).view_as(p[0]).expand_as(p))
+    moe_ds.check(upcycled)  # legitimate: no error
 
 
 class NativeNet(nn.Module):

@@ -130,3 +130,5 @@ def test_unconvertible_layers_are_refused() -> None:
         to_deepspeed_layer(moe.MoE(D, H, E, 2, router="aux_free"))
     with pytest.raises(TypeError, match="deepspeed.moe.layer.MoE"):
         from_deepspeed_layer(nn.Linear(D, D))
+    with pytest.raises(ValueError, match="eval_capacity_factor"):  # one capacity factor here, two there
+        from_deepspeed_layer(DSMoE(D, _gelu_expert(), num_experts=E, capacity_factor=1.0, eval_capacity_factor=4.0))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -358,8 +359,13 @@ def _check_distinct(name: str, layer: DeepSpeedMoE) -> None:
     group = layer.parallel.group
     experts: Any = layer.experts
     stored = experts.stored
-    w = torch.cat([layer.experts.w_in.detach().double().flatten(), layer.experts.w_out.detach().double().flatten()])
+    w_in, w_out = layer.experts.w_in.detach(), layer.experts.w_out.detach()
+    w = torch.cat([w_in.double().flatten(), w_out.double().flatten()])
+    # Whether this rank's experts are copies of one another (upcycling; DeepSpeed's own MoE
+    # deep-copies one expert): then equal ranks are expected, not a sign of a merge.
+    alike = bool((w_in == w_in[:1]).all() and (w_out == w_out[:1]).all()) if w_in.shape[0] > 1 else None
     values = [float(stored.first_expert), float(stored.num_experts), float(w.sum()), float((w * w).sum())]
+    values.append(-1.0 if alike is None else float(alike))
     mine = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
     world = dist.get_world_size(group)
     everyone = [torch.zeros_like(mine) for _ in range(world)]
@@ -368,11 +374,21 @@ def _check_distinct(name: str, layer: DeepSpeedMoE) -> None:
     if firsts != [r * layer.num_local_experts for r in range(world)]:
         raise ValueError(f"{name}: expert-parallel ranks hold experts starting at {firsts}, not a partition")
     fingerprints = {(float(t[2]), float(t[3])) for t in everyone}
-    if len(fingerprints) < world and all(float(t[3]) > 0 for t in everyone):  # all-zero experts are alike anyway
+    if len(fingerprints) == world or not all(float(t[3]) > 0 for t in everyone):  # all-zero experts are alike
+        return
+    if all(float(t[4]) == 0.0 for t in everyone):  # experts differ within each rank, yet ranks are equal
         raise ValueError(
             f"{name}: ranks of the expert-parallel group {layer.expert_group_name} hold identical expert weights, "
             "so experts were merged (e.g. broadcast as ordinary data-parallel weights); prepare the model before "
             "deepspeed.initialize and do not copy expert weights across ranks"
+        )
+    if any(float(t[4]) < 0 for t in everyone):  # one expert per rank: cannot tell a merge from upcycling
+        warnings.warn(
+            f"{name}: ranks of the expert-parallel group {layer.expert_group_name} hold identical expert weights. "
+            "Fine if the experts start identical (upcycling); if not, experts were merged (e.g. broadcast as "
+            "ordinary data-parallel weights): prepare the model before deepspeed.initialize and do not copy "
+            "expert weights across ranks",
+            stacklevel=3,
         )
 
 

@@ -108,6 +108,13 @@ def from_deepspeed_layer(layer: Any, backend: str = "auto") -> DeepSpeedStyleMoE
         raise ValueError(f"k={gate.k}: only top-1 and top-2 DeepSpeed gates are converted")
     if gate.noisy_gate_policy not in (None, "None", "Jitter"):
         raise ValueError(f"noisy_gate_policy={gate.noisy_gate_policy!r} is not converted; use None or 'Jitter'")
+    if gate.drop_tokens and float(gate.eval_capacity_factor) != float(gate.capacity_factor):
+        # moe.MoE has one capacity factor for training and eval; DeepSpeed switches in eval().
+        raise ValueError(
+            f"eval_capacity_factor ({gate.eval_capacity_factor}) != capacity_factor ({gate.capacity_factor}): "
+            "the converted layer has one capacity factor; build the DeepSpeed layer with equal factors "
+            "(or set the converted layer's config.capacity_factor for evaluation yourself)"
+        )
     experts = list(layer.deepspeed_moe.experts.deepspeed_experts)
     dim = gate.wg.in_features
     parts = [_expert_weights(e, dim) for e in experts]
