@@ -190,3 +190,13 @@ def test_plain_pytorch_model_without_config() -> None:
     apply_lora_moe(model, ["0", "2"], [3, 1, 5], rank=2, alpha=4, router="dynmole")  # layers 0..2
     assert torch.equal(model(x), expected)
     assert model[2].num_experts == 5 and float(moe.aux_loss(model).detach()) > 0
+
+
+def test_top1_router_learns() -> None:
+    """A renormalised top-1 weight is exactly 1: the router would get no gradient at all."""
+    torch.manual_seed(0)
+    layer = LoRAMoELinear(nn.Linear(8, 8), num_experts=4, rank=2, alpha=4, router="topk", top_k=1)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer(torch.randn(6, 8)).pow(2).sum().backward()
+    assert layer.router is not None and layer.router.weight.grad.abs().sum() > 1e-3

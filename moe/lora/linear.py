@@ -138,7 +138,9 @@ class LoRAMoELinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, self.out_features, **factory))
         self.router: Router | None = None
         if num_experts > 1 and router == "topk":
-            config = TopKConfig(norm_topk_prob=True, aux_loss_coef=self.balance_coef)
+            # Renormalising one selected weight makes it exactly 1: a top-1 router would get no
+            # gradient at all, so top-1 keeps its softmax probability (as Switch does).
+            config = TopKConfig(norm_topk_prob=self.top_k > 1, aux_loss_coef=self.balance_coef)
             self.router = TopKRouter(self.in_features, num_experts, self.top_k, config)
         elif num_experts > 1:
             self.router = DynMoLERouter(self.in_features, num_experts, self.entropy_coef, self.balance_coef)
