@@ -113,3 +113,18 @@ def test_nccl_ranks_that_never_chose_their_gpu_get_a_warning(monkeypatch: pytest
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     comm.warn_if_device_unset()  # one visible GPU per process: silent
+
+
+def test_single_process_checkpoint_is_written_whole_and_leaves_no_temp_file(tmp_path) -> None:  # noqa: ANN001
+    import moe
+    from moe.parallel import load_checkpoint, save_checkpoint
+
+    layer = moe.MoE(6, 4, 4, 2)
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(layer, path)
+    save_checkpoint(layer, path)  # again onto the same path (every rank of a non-EP model may do this)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+    twin = moe.MoE(6, 4, 4, 2)
+    load_checkpoint(twin, path)
+    for a, b in zip(layer.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

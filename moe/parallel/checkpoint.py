@@ -57,7 +57,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
             tensors[f"{prefix}{e}.w_out"] = w_out[e].cpu().clone().contiguous()
     collective = parallel and dist.is_initialized()
     if not collective or dist.get_rank(group) == 0:
-        save_file(tensors, str(path), metadata={"format": FORMAT})
+        # Written whole, then renamed: a model with no expert-parallel layer may be saved by every
+        # rank to one path (no collective is assumed), and a reader never sees a partial file.
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        os.replace(tmp, path)
     if collective:
         dist.barrier(group=group)
 
