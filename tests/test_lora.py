@@ -181,6 +181,27 @@ def test_bad_input_errors() -> None:
         apply_lora_moe(tiny_llama(), "q_proj", router="mos", mos_shards_per_vector=3)
     with pytest.raises(ValueError, match="no LoRA-MoE adapter"):
         save_lora_moe(tiny_llama(), "/nonexistent/never_written.safetensors")
+    bad_arguments = [
+        (dict(rank=0), ValueError, "rank must be an int >= 1"),
+        (dict(num_layers=0), ValueError, "num_layers must be an int >= 1"),
+        (dict(alpha=None), ValueError, "alpha must be a finite number"),
+        (dict(router="mos", mos_shards_per_vector=0), ValueError, "mos_shards_per_vector must be"),
+        (dict(router="mos", mos_compression=0.0), ValueError, "mos_compression must be"),
+        (dict(experts_per_layer=2.0), TypeError, "experts_per_layer must be"),
+        (dict(compute="bad"), ValueError, "compute must be"),
+    ]
+    for kwargs, error, message in bad_arguments:
+        with pytest.raises(error, match=message):
+            apply_lora_moe(tiny_llama(), "q_proj", **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_refused_call_leaves_the_model_untouched() -> None:
+    """An error found at a later target must not leave the model frozen and half wrapped."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="covers 3 layers"):
+        apply_lora_moe(model, ["0", "2", "4"], 2, num_layers=3)
+    assert all(type(m) in (nn.Linear, nn.ReLU) for m in model) and all(p.requires_grad for p in model.parameters())
+    apply_lora_moe(model, ["0", "2", "4"], 2, num_layers=5)  # the retry works
 
 
 def test_plain_pytorch_model_without_config() -> None:

@@ -141,6 +141,13 @@ def apply_lora_moe(
     """
     if router not in ("topk", "dynmole", "mos"):
         raise ValueError(f"router must be 'topk', 'dynmole' or 'mos', got {router!r}")
+    _check_arguments(
+        rank=rank, top_k=top_k, num_layers=num_layers, mos_shards_per_vector=mos_shards_per_vector,
+        mos_private_shards=mos_private_shards, alpha=alpha, mos_compression=mos_compression,
+        experts_per_layer=experts_per_layer,
+    )  # fmt: skip
+    if compute not in ("auto", "dense", "grouped"):
+        raise ValueError(f"compute must be 'auto', 'dense' or 'grouped', got {compute!r}")
     already = list(adapter_modules(model))
     if already:
         raise ValueError(f"the model already has LoRA-MoE adapters ({already[:3]}); apply once, to a fresh model")
@@ -148,12 +155,7 @@ def apply_lora_moe(
     paths = [p for p, _ in targets]
     layers = count_layers(model, paths, num_layers)
     counts = parse_allocation(experts_per_layer, layers)
-    if freeze_base:
-        model.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    options = dict(compute=compute, backend=backend)
-    if router == "mos":
-        _make_pools(model, targets, rank, mos_shards_per_vector, mos_private_shards, mos_compression)
+    specs = []  # every target checked before the model is touched: an error leaves it as it was
     for path, base in targets:
         layer = layer_index(path)
         if layer is None and len(set(counts)) > 1:
@@ -175,8 +177,40 @@ def apply_lora_moe(
                 balance_coef=balance_coef,
                 entropy_coef=entropy_coef,
             )
+        specs.append((path, spec))
+    if freeze_base:
+        model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    options = dict(compute=compute, backend=backend)
+    if router == "mos":
+        _make_pools(model, targets, rank, mos_shards_per_vector, mos_private_shards, mos_compression)
+    for path, spec in specs:
         wrap_from_spec(model, path, spec, generator, **options)
     return model
+
+
+def _check_arguments(**values: Any) -> None:
+    """TypeError/ValueError naming the argument, before anything deeper divides by it."""
+    for name, low in (("rank", 1), ("top_k", 1), ("num_layers", 1), ("mos_shards_per_vector", 1)):
+        v = values[name]
+        if name == "num_layers" and v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    private = values["mos_private_shards"]
+    if not isinstance(private, int) or isinstance(private, bool) or private < 0:
+        raise ValueError(f"mos_private_shards must be an int >= 0, got {private!r}")
+    for name in ("alpha", "mos_compression"):
+        v = values[name]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    allocation = values["experts_per_layer"]
+    if not isinstance(allocation, (int, str)) and not (
+        isinstance(allocation, Sequence) and all(isinstance(c, int) for c in allocation)
+    ):
+        raise TypeError(
+            f"experts_per_layer must be an int, a string like '2-4-6-8' or a list of ints, got {allocation!r}"
+        )
 
 
 def _make_pools(
