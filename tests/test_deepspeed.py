@@ -191,6 +191,12 @@ def unprepared_is_refused(rank: int, moe_ds: Any, tmp: Path) -> None:
             dist.broadcast(p, src=0)
     with pytest.raises(ValueError, match="identical expert weights"):
         moe_ds.check(merged)
+    with pytest.raises(ValueError, match="wrap it in a module"):  # its keys would start with '.'
+        moe_ds.prepare(moe.MoE(D, H, E, K), ep_size=2)
+    odd = Net(0)
+    odd.moe.router.register_buffer("expert_bias", torch.zeros(E))  # DeepSpeed would take it for an expert
+    with pytest.raises(ValueError, match="expert_bias"):
+        moe_ds.prepare(odd, ep_size=2)
     upcycled = _engine(moe_ds, 1)
     with torch.no_grad():  # sparse upcycling: every expert a copy of one dense MLP, on every rank
         for p in (upcycled.module.moe.experts.w_in, upcycled.module.moe.experts.w_out):

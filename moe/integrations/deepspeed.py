@@ -198,6 +198,22 @@ def _check_preparable(name: str, layer: MoE, ep_size: int) -> None:
             f"MoE layer path {name!r} contains 'expert': DeepSpeed's checkpoint code would treat all of its "
             "weights as expert weights; rename the attribute (e.g. .moe or .mlp)"
         )
+    if not name:
+        raise ValueError(
+            "the model itself is a moe.MoE layer: DeepSpeed's checkpoint keys would start with '.', which do not "
+            "load back; wrap it in a module (e.g. nn.Sequential(layer)) before prepare()"
+        )
+    renamed = tuple(_DS_RENAMES)  # shared experts are renamed for DeepSpeed's checkpoints
+    odd = [
+        k
+        for k in layer.state_dict()
+        if "expert" in k and k not in ("experts.w_in", "experts.w_out") and not k.startswith(renamed)
+    ]
+    if odd:
+        raise ValueError(
+            f"{where} has state {odd[:3]} whose names contain 'expert': DeepSpeed's checkpoint code would take "
+            "them for expert weights and fail to save; rename them (e.g. in a custom router)"
+        )
     if any(hasattr(p, "ds_id") for p in layer.parameters()):
         raise ValueError(
             f"{where} has ZeRO-3-partitioned parameters (built under deepspeed.zero.Init); expert-parallel "
