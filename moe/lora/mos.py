@@ -151,8 +151,11 @@ class MoSLinear(nn.Module):
     def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_RD [R, D], Bt_RN [R, N]) assembled from the shards."""
         pool: MoSPool = self.pool  # type: ignore[assignment]
-        a_RD = torch.cat([pool.shards_A, self.private_A])[self.index_A].reshape(self.rank, self.in_features)
-        bt_RN = torch.cat([pool.shards_B, self.private_B])[self.index_B].reshape(self.rank, self.out_features)
+        # The shared pool lives on one device; a layer placed elsewhere (device_map="auto") takes a
+        # copy (differentiable: the pool's gradient still arrives on its own device).
+        dev = self.private_A.device
+        a_RD = torch.cat([pool.shards_A.to(dev), self.private_A])[self.index_A].reshape(self.rank, self.in_features)
+        bt_RN = torch.cat([pool.shards_B.to(dev), self.private_B])[self.index_B].reshape(self.rank, self.out_features)
         return a_RD, bt_RN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
