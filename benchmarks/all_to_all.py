@@ -3,10 +3,11 @@
     torchrun --nproc_per_node=4 benchmarks/all_to_all.py [--max-mib 64] [--iters 10] [--keep-freed-memory]
 
 Per message size (bytes each rank sends in one exchange) and variant:
-    raw          dist.all_to_all_single, equal splits
+    raw          dist.all_to_all_single, equal splits (passed explicitly, as ours does)
     hier         moe.parallel.hierarchical_all_to_all, local_size = W / 2 (needs W >= 4)
     ep_a2a       our exchanges alone (count exchange + the two all_to_all_single of dispatch and
-                 combine through the autograd wrapper): the communication part of `ep`
+                 combine through the autograd wrapper, into fresh output buffers as in `ep`; raw
+                 and floor reuse theirs): the communication part of `ep`
     ep           ExpertParallelDispatcher dispatch + combine (mode ep, d = 1, identity experts):
                  sort, permute, count exchange, two all-to-alls, unpermute
     ep_pipe4     the same pipelined in 4 chunks (ExpertParallelDispatcher.run, chunks=4)
@@ -15,8 +16,9 @@ Per message size (bytes each rank sends in one exchange) and variant:
                  the token order; `ep` / `floor` is our overhead, `floor` / raw what the data
                  path's local passes cost on this machine
 Time = the slowest rank's, median over iterations after warm-up, with a barrier before each
-iteration; variants are interleaved inside each iteration. algbw = bytes per rank / time
-(dispatch+combine moves the bytes twice, so its algbw counts 2x); busbw = algbw * (W-1)/W.
+iteration; variants are interleaved inside each iteration, in an order rotated every iteration.
+algbw = bytes per rank / time (dispatch+combine moves the bytes twice, so its algbw counts 2x);
+busbw = algbw * (W-1)/W.
 Writes bench_out/all_to_all_w{W}.csv and .png.
 """
 
@@ -61,8 +63,10 @@ def _variants(
     splits = torch.full((world, world), x.shape[0] // world, dtype=torch.int64)
     experts = _Identity()
 
-    def raw() -> None:
-        dist.all_to_all_single(out, x)
+    even = [x.shape[0] // world] * world
+
+    def raw() -> None:  # explicit splits, as ours passes them (on gloo that call was 3-15% faster)
+        dist.all_to_all_single(out, x, even, even)
 
     def ep(chunks: int) -> Callable[[], None]:
         def go() -> None:
@@ -78,7 +82,6 @@ def _variants(
     variants: dict[str, tuple[Callable[[], Any], int]] = {"raw": (raw, 1)}
     if world >= 4 and world % 2 == 0:
         variants["hier"] = (lambda: hierarchical_all_to_all(x, splits, world // 2), 1)
-    even = [x.shape[0] // world] * world
 
     def ep_a2a() -> None:  # our exchanges alone: count exchange + dispatch and combine all-to-alls
         with torch.no_grad():
@@ -90,8 +93,8 @@ def _variants(
 
     def floor() -> None:
         send.copy_(x)
-        dist.all_to_all_single(recv, send)
-        dist.all_to_all_single(back, recv)
+        dist.all_to_all_single(recv, send, even, even)
+        dist.all_to_all_single(back, recv, even, even)
         tokens.copy_(back)
 
     variants["floor"] = (floor, 2)
@@ -143,8 +146,11 @@ def main() -> None:
         x = torch.randn(tokens, dim)
         variants = _variants(x, _balanced_routing(tokens, world), dispatcher, world)
         times: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
         for it in range(args.warmup + args.iters):
-            for name, (fn, _) in variants.items():
+            shift = it % len(names)  # rotate the order: no variant always runs first
+            for name in names[shift:] + names[:shift]:
+                fn = variants[name][0]
                 t = torch.tensor([_timed(fn)], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time
                 if it >= args.warmup:
