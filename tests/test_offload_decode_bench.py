@@ -38,6 +38,8 @@ def test_small_cpu_table(bench, capsys: pytest.CaptureFixture[str]) -> None:
         assert row["same_tokens"] is True, row["policy"]
         assert row["tokens"] == rows[0]["tokens"] and len(row["tokens"]) == 7
         assert row["bound_ms"] >= row["compute_ms"] > 0.0 and row["ratio"] > 0.0
+        # Belady moves no more than any policy: its floor is never above a policy's own bound.
+        assert row["compute_ms"] <= row["floor_ms"] <= row["bound_ms"] + 1e-9 and row["ratio_floor"] > 0.0
         assert row["transfer_ms"] == pytest.approx(row["formula_ms"])  # batch 1, every miss copied
         assert f"| {row['policy']} | " in out
     resident = rows[0]
