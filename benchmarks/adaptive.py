@@ -3,11 +3,11 @@
     torchrun --nproc_per_node=4 benchmarks/adaptive.py [--tokens 512] [--steps 20]
 
 Per workload, one MoE layer per fixed plan plus one adaptive layer (same weights) train
-forward+backward steps on the same batches, interleaved step by step. Reported per plan:
+forward+backward steps on the same batches, interleaved step by step (order rotated each step). Reported per plan:
 median step time (slowest rank) over the measured steps; for the planner: its steady-state
 median after exploration, the plan it picked, and the step time including exploration.
 Also reports how much of the all-to-all time pipelining hides:
-(t(ep, d=1) - t(ep, d=best)) / t(2 raw all-to-alls of the same bytes).
+(t(ep, d=1) - t(ep, d=best)) / t(3 raw all-to-alls of the same bytes: a step exchanges them 3 times).
 Writes bench_out/adaptive_w{W}.csv.
 """
 
@@ -101,18 +101,26 @@ def main() -> None:
         batches = _batches(args, skew, explore + args.steps)
         times: dict[str, list[float]] = {name: [] for name in fixed}
         planner_times: list[float] = []
+        order = ["planner", *fixed]
         for i, x in enumerate(batches):
-            planner_times.append(_step(adaptive, x))
-            if i >= explore:  # fixed plans: the planner's steady-state batches
-                for name, layer in fixed.items():
-                    times[name].append(_step(layer, x))
+            if i < explore:  # exploration: the planner alone
+                planner_times.append(_step(adaptive, x))
+                continue
+            shift = i % len(order)  # steady state: every layer, in an order rotated each batch
+            for name in order[shift:] + order[:shift]:
+                if name == "planner":
+                    planner_times.append(_step(adaptive, x))
+                else:
+                    times[name].append(_step(fixed[name], x))
         steady = statistics.median(planner_times[explore:])
         medians = {name: statistics.median(ts[1:]) for name, ts in times.items()}
         best = min(medians, key=medians.__getitem__)
         worst = max(medians, key=medians.__getitem__)
         report = adaptive.parallel.report()
         copies = args.tokens * args.top_k
-        a2a = 2 * _raw_a2a_time(copies * args.dim * 4)
+        # A step exchanges the copies 3 times: dispatch and combine forward, combine backward (the
+        # batches need no input gradient, so dispatch's backward exchange does not run).
+        a2a = 3 * _raw_a2a_time(copies * args.dim * 4)
         d1 = medians.get("ep/d=1")
         pipes = {n: t for n, t in medians.items() if n.startswith("ep/") and n != "ep/d=1"}
         hidden = None
@@ -147,7 +155,7 @@ def main() -> None:
             total = statistics.mean(planner_times)
             print(f"   planner mean incl. {explore} exploration steps: {1e3 * total:.2f} ms")
             if hidden is not None:
-                print(f"   a2a time (2 raw exchanges of {copies * args.dim * 4} B/rank): {1e3 * a2a:.2f} ms; ")
+                print(f"   a2a time (3 raw exchanges of {copies * args.dim * 4} B/rank): {1e3 * a2a:.2f} ms; ")
                 print(f"   pipelining hides {100 * hidden:.0f}% of it ((t(ep,d=1) - t(ep,best d)) / a2a)")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

@@ -218,7 +218,8 @@ def _four_ranks(rank: int, world: int, path: str, out_path: str) -> None:
     cfg = PlannerConfig(chunk_options=(1, 2), warmup=0, samples=1, check_every=2)
     single, layer = _layers(world, 4, planner_config=cfg)
     n_candidates = len(layer.parallel.planner.candidates)
-    _check_against_single(layer, single, rank, world, [None] * (n_candidates + 3))
+    # Exploration (1 sample each), a possible run-off of the two best (2 x 2 samples), then the pick.
+    _check_against_single(layer, single, rank, world, [None] * (n_candidates + 4 + 3))
     report = layer.parallel.report()
     assert not report["exploring"] and report["plan"] in report["candidates"], report
     assert "fastest predicted" in report["reason"], report

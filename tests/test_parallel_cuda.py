@@ -82,7 +82,7 @@ def test_planner_explores_and_reports_on_cuda(nccl: None) -> None:
     cfg = PlannerConfig(chunk_options=(1, 2), warmup=0, samples=1, check_every=2)
     _, layer = _layers(planner_config=cfg)
     x, g = torch.randn(64, D, device="cuda"), torch.randn(64, D, device="cuda")
-    for _ in range(len(layer.parallel.planner.candidates) + 3):
+    for _ in range(len(layer.parallel.planner.candidates) + 4 + 3):  # exploration, a possible run-off, pick
         _step(layer, x, g)
     report = layer.parallel.report()
     assert not report["exploring"] and report["plan"] in report["candidates"], report

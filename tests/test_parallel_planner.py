@@ -128,3 +128,22 @@ def test_single_process_checkpoint_is_written_whole_and_leaves_no_temp_file(tmp_
     load_checkpoint(twin, path)
     for a, b in zip(layer.state_dict().values(), twin.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_planner_runs_off_two_close_candidates() -> None:
+    """Within runoff_margin of each other after exploration: both are sampled again before the pick."""
+    close = {Plan(0, 1): 9.0, Plan(0, 2): 8.0, Plan(1, 1): 3.1, Plan(1, 2): 3.0}
+    cfg = PlannerConfig(chunk_options=(1, 2), warmup=0, samples=2)
+    planner = Planner([0, 1], config=cfg)
+    _run(planner, 8, cost=close)  # exploration: 4 candidates x 2 samples
+    assert "run-off between ep/d=2 and ep/d=1" in planner.reason
+    assert planner.queue_plans() == [Plan(1, 2), Plan(1, 1)] * 4
+    ran = _run(planner, 8 + 3, cost=close)
+    assert ran[:8] == [Plan(1, 2), Plan(1, 1)] * 4 and ran[8:] == [Plan(1, 2)] * 3
+    assert "fastest predicted" in planner.reason
+    assert planner.report()["candidates"]["ep/d=1"]["samples"] == 2 + 4
+    apart = Planner([0, 1], config=cfg)
+    _run(apart, 8)  # COST_MS: 3.0 vs 5.0, no run-off
+    assert "fastest predicted" in apart.reason and not apart.queue_plans()
+    with pytest.raises(ValueError, match="runoff_margin"):
+        PlannerConfig(runoff_margin=-0.1)

@@ -68,12 +68,15 @@ class PlannerConfig:
     recheck_every: int = 500
     shift_threshold: float = 0.5
     max_samples: int = 16
+    runoff_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.chunk_options or any(d < 1 for d in self.chunk_options):
             raise ValueError(f"chunk_options must be positive pipeline degrees, got {self.chunk_options}")
         if self.samples < 1 or self.warmup < 0 or self.check_every < 1 or self.recheck_every < 1:
             raise ValueError("samples and check intervals must be >= 1, warmup >= 0")
+        if not self.runoff_margin >= 0:
+            raise ValueError(f"runoff_margin must be >= 0 (0 = no run-off), got {self.runoff_margin}")
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Planner:
         rounds = self.config.warmup + self.config.samples
         self._queue = [(p, r >= self.config.warmup) for r in range(rounds) for p in self.candidates]
         self._since_pick = 0
+        self._runoff_done = False
 
     def queue_plans(self) -> list[Plan]:
         """The plans still to run in the current exploration (empty when exploiting)."""
@@ -217,6 +221,19 @@ class Planner:
         self.predicted = {p: m.predict(n) for p, m in self.models.items() if m.samples}
         ranked = sorted(self.predicted, key=lambda p: (self.predicted[p], p.mode, p.chunks))
         best = ranked[0]
+        margin = self.config.runoff_margin
+        if (
+            len(ranked) > 1
+            and not self._runoff_done
+            and self.predicted[ranked[1]] <= (1 + margin) * self.predicted[best]
+        ):
+            # The two best are within the noise of a few samples: a run-off, twice the samples
+            # each, alternating (the same decision on every rank: they share the timings).
+            self._runoff_done = True
+            self._queue = [(p, True) for _ in range(2 * self.config.samples) for p in ranked[:2]]
+            self.current = ranked[0]
+            self.reason = f"run-off between {ranked[0]} and {ranked[1]} (predicted within {100 * margin:.0f}%)"
+            return
         runner = f"; next {ranked[1]} {1e3 * self.predicted[ranked[1]]:.2f} ms" if len(ranked) > 1 else ""
         self.reason = f"fastest predicted at {n:.0f} copies/rank: {best} {1e3 * self.predicted[best]:.2f} ms{runner}"
         self.current, self._ref = best, (n, imbalance)
