@@ -85,7 +85,9 @@ def torch_grouped_mm(
         return None
     offs = offsets_i32(counts)
     best: tuple[float, Callable[[torch.Tensor], torch.Tensor]] | None = None
-    for layout in (w, w.transpose(1, 2).contiguous().transpose(1, 2)):
+    # Row-major [E, K, N] and column-major (the same values, K contiguous): for a transposed view
+    # w (the dX case), the second form of a view would equal it, so both are built from scratch.
+    for layout in (w.contiguous(), w.transpose(1, 2).contiguous().transpose(1, 2)):
 
         def call(x: torch.Tensor, layout: torch.Tensor = layout) -> torch.Tensor:
             return fn(x, layout, offs=offs)

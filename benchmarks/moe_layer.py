@@ -538,7 +538,8 @@ def print_table(shape: Shape, rows: list[dict[str, Any]], skipped: list[str], he
     print("paired: median over repetitions of fwd+bwd / floor's fwd+bwd in the same repetition")
     if any(r["dropped"] != "" for r in rows):
         print(
-            f"note: capacity-based peers (capacity factor {CAPACITY_FACTOR}) drop token copies and compute less; "
+            f"note: capacity-based peers (capacity factor {CAPACITY_FACTOR}) drop token copies (their GEMMs still "
+            "run on full capacity buffers, so no fewer FLOPs); "
             "ours is dropless. Their max|diff| is over tokens with no dropped copy."
         )
     sys.stdout.flush()
