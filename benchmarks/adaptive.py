@@ -7,7 +7,7 @@ forward+backward steps on the same batches, interleaved step by step (order rota
 median step time (slowest rank) over the measured steps; for the planner: its steady-state
 median after exploration, the plan it picked, and the step time including exploration.
 Also reports how much of the all-to-all time pipelining hides:
-(t(ep, d=1) - t(ep, d=best)) / t(3 raw all-to-alls of the same bytes: a step exchanges them 3 times).
+(t(ep, d=1) - t(ep, d=best)) / t(4 raw all-to-alls of the same bytes: a step exchanges them 4 times).
 Writes bench_out/adaptive_w{W}.csv.
 """
 
@@ -27,6 +27,7 @@ from moe.parallel import Plan, PlannerConfig
 
 
 def _step(layer: moe.MoE, x: torch.Tensor) -> float:
+    x = x.detach().requires_grad_()  # as for every layer but the first: dispatch's backward runs too
     dist.barrier()
     start = time.perf_counter()
     layer(x).square().mean().backward()
@@ -118,9 +119,8 @@ def main() -> None:
         worst = max(medians, key=medians.__getitem__)
         report = adaptive.parallel.report()
         copies = args.tokens * args.top_k
-        # A step exchanges the copies 3 times: dispatch and combine forward, combine backward (the
-        # batches need no input gradient, so dispatch's backward exchange does not run).
-        a2a = 3 * _raw_a2a_time(copies * args.dim * 4)
+        # A step exchanges the copies 4 times: dispatch and combine, forward and backward.
+        a2a = 4 * _raw_a2a_time(copies * args.dim * 4)
         d1 = medians.get("ep/d=1")
         pipes = {n: t for n, t in medians.items() if n.startswith("ep/") and n != "ep/d=1"}
         hidden = None
@@ -155,7 +155,7 @@ def main() -> None:
             total = statistics.mean(planner_times)
             print(f"   planner mean incl. {explore} exploration steps: {1e3 * total:.2f} ms")
             if hidden is not None:
-                print(f"   a2a time (3 raw exchanges of {copies * args.dim * 4} B/rank): {1e3 * a2a:.2f} ms; ")
+                print(f"   a2a time (4 raw exchanges of {copies * args.dim * 4} B/rank): {1e3 * a2a:.2f} ms; ")
                 print(f"   pipelining hides {100 * hidden:.0f}% of it ((t(ep,d=1) - t(ep,best d)) / a2a)")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

@@ -277,3 +277,27 @@ def test_collective_device_is_the_cpu_under_gloo_and_the_config_check_passes() -
     finally:
         if own:
             dist.destroy_process_group()
+
+
+def test_planner_measures_forward_and_backward() -> None:
+    """A measured training step is recorded when its backward has finished (chunked plans pay
+    there); a forward whose backward never comes is recorded forward-only at the next call."""
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = PlannerConfig(chunk_options=(1, 2), warmup=0, samples=1)
+        layer = moe.MoE(D, H, 4, K, process_group=dist.group.WORLD, planner_config=cfg)
+        planner = layer.parallel.planner
+        samples = lambda: sum(len(m.samples) for m in planner.models.values())  # noqa: E731
+        x = torch.randn(5, D, requires_grad=True)
+        y = layer(x)
+        assert samples() == 0  # not yet: the backward is part of the measurement
+        y.sum().backward()
+        assert samples() == 1
+        layer(torch.randn(5, D, requires_grad=True))  # no backward for this one ...
+        layer(torch.randn(5, D))  # ... so it is recorded (forward only) here; this one at once
+        assert samples() == 3
+    finally:
+        if own:
+            dist.destroy_process_group()

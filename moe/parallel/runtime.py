@@ -48,6 +48,20 @@ def config_fingerprint(
     }
 
 
+class _OnGrad(torch.autograd.Function):
+    """Identity whose backward calls `callback` when the gradient arrives (to time a backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, callback: Callable[[], None]) -> torch.Tensor:  # type: ignore[override]
+        ctx.callback = callback
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ctx.callback()
+        return grad, None
+
+
 class ExpertParallel:
     """Runs dispatch -> experts -> combine of one layer across a process group.
 
@@ -92,6 +106,9 @@ class ExpertParallel:
             None if pinned is None else pinned.chunks,
         )
         self.last_plan: Plan | None = None
+        # A measured training step is recorded when its backward has run (plan, forward seconds,
+        # copies, load); a forward whose backward never came is recorded forward-only.
+        self._pending: tuple[Plan, float, int, torch.Tensor] | None = None
 
     def pin(self, plan: Plan | str | None) -> None:
         """Pins a plan (None = adaptive again). Safe between any two forward calls, when every rank
@@ -116,17 +133,41 @@ class ExpertParallel:
             # the recomputed tensors would not match the saved ones; and no timing from backward.
             plan, measure = self.last_plan, False
         else:
+            self._record_pending()
             plan, measure = self.planner.choose()
-        sync = measure and x_TD.device.type == "cuda"
-        if sync:  # time the work, not its launch: collectives and GEMMs are asynchronous on CUDA
-            torch.cuda.synchronize(x_TD.device)
-        start = timer()
-        y_TD, shared = self.dispatcher.run(x_TD, routing, experts, plan.mode, plan.chunks, shared_fn)
-        if sync:
-            torch.cuda.synchronize(x_TD.device)
+        device = x_TD.device
+        # A plan's cost includes its backward (chunking, for one, pays there): when a gradient
+        # will flow back through this layer, the measurement ends when it has.
+        with_backward = measure and torch.is_grad_enabled() and x_TD.requires_grad
+        marks: dict[str, float] = {}
+        x_run = _OnGrad.apply(x_TD, lambda: self._record_pending(marks)) if with_backward else x_TD
+        start = self._now(device, measure)
+        y_TD, shared = self.dispatcher.run(x_run, routing, experts, plan.mode, plan.chunks, shared_fn)
         if measure:
+            forward = self._now(device, True) - start
             copies = int((routing.expert_ids >= 0).sum())
             load = count_tokens(routing.expert_ids, self.num_experts)
-            self.planner.record(plan, timer() - start, copies, load)
+            self._pending = (plan, forward, copies, load)
+            if with_backward:
+                y_TD = _OnGrad.apply(y_TD, lambda: marks.__setitem__("start", self._now(device, True)))
+            else:
+                self._record_pending()
         self.last_plan = plan
         return y_TD if shared is None else y_TD + shared
+
+    @staticmethod
+    def _now(device: torch.device, sync: bool) -> float:
+        if sync and device.type == "cuda":  # time the work, not its launch: CUDA runs asynchronously
+            torch.cuda.synchronize(device)
+        return timer()
+
+    def _record_pending(self, marks: dict[str, float] | None = None) -> None:
+        """Records the pending measurement: forward + backward when called at the end of the
+        layer's backward (marks holds its start), else forward only. Same point on every rank."""
+        if self._pending is None:
+            return
+        plan, seconds, copies, load = self._pending
+        self._pending = None
+        if marks is not None and "start" in marks:
+            seconds += self._now(load.device, True) - marks["start"]
+        self.planner.record(plan, seconds, copies, load)
