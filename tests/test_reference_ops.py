@@ -76,3 +76,20 @@ def test_grouped_mm_opcheck() -> None:
     w = torch.randn(3, 4, 5, requires_grad=True)
     counts = torch.tensor([2, 0, 4])
     torch.library.opcheck(torch.ops.moe_ref.grouped_mm.default, (x, w, counts))
+
+
+def test_backward_formulas_match_autograd_and_differentiate_again() -> None:
+    """reference.swiglu_backward / unpermute_backward (what the C++ backend uses under create_graph)."""
+    h = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(reference.swiglu(h), h, g)
+    torch.testing.assert_close(reference.swiglu_backward(h, g), expected)
+    assert torch.autograd.gradcheck(lambda a: reference.swiglu_backward(a, g), (h,))
+    y = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([0, 2, 1, 0, 3, 2])
+    grad = torch.randn(4, 3, dtype=torch.float64)
+    expected_y, expected_w = torch.autograd.grad(reference.unpermute(y, idx, w, 4), (y, w), grad)
+    got_y, got_w = reference.unpermute_backward(grad, y, idx, w)
+    torch.testing.assert_close(got_y, expected_y)
+    torch.testing.assert_close(got_w, expected_w)

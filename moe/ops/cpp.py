@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moe import reference
 from moe.ops import registry
 
 NAME = "cpp"
@@ -168,11 +169,8 @@ def _unpermute_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _unpermute_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
     y, token_idx, weights = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiable ops (moe::unpermute_backward has no autograd of its own).
-        acc = torch.promote_types(y.dtype, torch.float32)
-        g = grad.to(acc).index_select(0, token_idx)
-        grad_y, grad_w = (g * weights.to(acc)[:, None]).to(y.dtype), (g * y.to(acc)).sum(1).to(weights.dtype)
+    if torch.is_grad_enabled():  # create_graph=True: moe::unpermute_backward has no autograd of its own
+        grad_y, grad_w = reference.unpermute_backward(grad, y, token_idx, weights)
     else:
         grad_y, grad_w = torch.ops.moe.unpermute_backward(grad, y, token_idx, weights)
     return (
@@ -208,12 +206,8 @@ def _swiglu_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _swiglu_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
     (h,) = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        # create_graph=True: the derivative in differentiable ops (moe::swiglu_backward has no autograd).
-        acc = torch.promote_types(h.dtype, torch.float32)
-        gate, up = h.to(acc).chunk(2, dim=-1)
-        g, sig = grad.to(acc), torch.sigmoid(gate)
-        return torch.cat([g * up * sig * (1 + gate * (1 - sig)), g * gate * sig], dim=-1).to(h.dtype)
+    if torch.is_grad_enabled():  # create_graph=True: moe::swiglu_backward has no autograd of its own
+        return reference.swiglu_backward(h, grad)
     return torch.ops.moe.swiglu_backward(grad, h)
 
 

@@ -51,14 +51,8 @@ def _usable(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _offsets(counts_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, int]:
     """(int32 end offsets [E], total rows); ValueError if counts need more rows than there are."""
-    if counts_E.numel() and int(counts_E.min()) < 0:
-        e = int(torch.argmin(counts_E))
-        raise ValueError(f"counts[{e}] = {int(counts_E[e])} is negative; counts are rows per expert")
-    ends = torch.cumsum(counts_E, 0)
-    total = int(ends[-1]) if ends.numel() else 0
-    if total > num_rows:
-        raise ValueError(f"counts sum to {total} but x has only {num_rows} rows")
-    return ends.to(torch.int32), total
+    ends = reference.segment_ends(counts_E, num_rows)  # the checks, in one host read
+    return torch.cumsum(counts_E, 0).to(torch.int32), ends[-1] if ends else 0
 
 
 @torch.library.custom_op("moe_torch::grouped_mm", mutates_args=())

@@ -48,7 +48,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     for name, m in modules:
         prefix = f"{name}." if name else ""
         if isinstance(m, ParallelExperts):
-            parallel, group = True, m.group if not parallel else group
+            if not parallel:  # the first expert-parallel layer's group writes and barriers
+                parallel, group = True, m.group
             w_in, w_out = m.global_weights()
         else:
             w_in, w_out = m.w_in.detach(), m.w_out.detach()

@@ -223,7 +223,8 @@ class Planner:
         best = ranked[0]
         margin = self.config.runoff_margin
         if (
-            len(ranked) > 1
+            margin > 0
+            and len(ranked) > 1
             and not self._runoff_done
             and self.predicted[ranked[1]] <= (1 + margin) * self.predicted[best]
         ):

@@ -5,16 +5,26 @@ from __future__ import annotations
 import torch
 
 
-def _segment_bounds(counts_E: torch.Tensor, num_rows: int) -> list[tuple[int, int, int]]:
-    counts = counts_E.tolist()
-    for e, c in enumerate(counts):
+def segment_ends(counts_E: torch.Tensor, num_rows: int) -> list[int]:
+    """End row of each expert's segment (one host read of counts_E).
+
+    Raises:
+        ValueError: a negative count, or counts that need more than num_rows rows.
+    """
+    ends, total = [], 0
+    for e, c in enumerate(counts_E.tolist()):
         if c < 0:
             raise ValueError(f"counts[{e}] = {c} is negative; counts are rows per expert")
-    ends = torch.cumsum(counts_E, 0).tolist()
-    if ends and ends[-1] > num_rows:
-        raise ValueError(f"counts sum to {ends[-1]} but x has only {num_rows} rows")
+        total += c
+        ends.append(total)
+    if total > num_rows:
+        raise ValueError(f"counts sum to {total} but x has only {num_rows} rows")
+    return ends
+
+
+def _segment_bounds(counts_E: torch.Tensor, num_rows: int) -> list[tuple[int, int, int]]:
     bounds, start = [], 0
-    for e, end in enumerate(ends):
+    for e, end in enumerate(segment_ends(counts_E, num_rows)):
         if end > start:
             bounds.append((e, start, end))
         start = end

@@ -22,3 +22,15 @@ def unpermute(y_ND: torch.Tensor, token_idx_N: torch.Tensor, weights_N: torch.Te
     out = torch.zeros(num_tokens, y_ND.shape[1], dtype=acc, device=y_ND.device)
     out = out.index_add(0, token_idx_N, y_ND.to(acc) * weights_N.to(acc).unsqueeze(1))
     return out.to(y_ND.dtype)
+
+
+def unpermute_backward(
+    grad_TD: torch.Tensor, y_ND: torch.Tensor, token_idx_N: torch.Tensor, weights_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of y_ND in y's dtype, grad of weights_N in its dtype) of unpermute, summed in fp32.
+
+    Written in differentiable ops, so gradients of gradients flow through it.
+    """
+    acc = torch.promote_types(y_ND.dtype, torch.float32)
+    g = grad_TD.to(acc).index_select(0, token_idx_N)
+    return (g * weights_N.to(acc)[:, None]).to(y_ND.dtype), (g * y_ND.to(acc)).sum(1).to(weights_N.dtype)
