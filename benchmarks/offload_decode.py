@@ -128,6 +128,36 @@ def measure_h2d(nbytes: int, device: torch.device, repeats: int) -> float:
     return nbytes / max(statistics.median(times), 1e-12)
 
 
+def measure_h2d_latency(device: torch.device, repeats: int, nbytes: int = 4096) -> float:
+    """Seconds of one small (4 KiB) pinned host -> device copy, synchronised: the per-copy cost a
+    timeline model adds to bytes / bandwidth (median of repeats; on the CPU, a small memcpy)."""
+    cuda = device.type == "cuda"
+    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for i in range(repeats + 2):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def save_trace(cand: Candidate, args: argparse.Namespace, spec: ModelSpec) -> None:
+    """Writes the routing `cand` recorded (every forward since loading: the warm-up decode, then each
+    repeat's, each a prefill of --prompt-len tokens and --tokens one-token steps; one trace step per
+    layer and forward) with moe.offload.Trace.save, for replaying the measured run offline."""
+    trace = cand.om.runtime.recorded_trace()
+    trace.source = (
+        f"offload_decode {cand.name} on {args.device}: model {spec}; forwards = (1 warm-up + {args.repeats} "
+        f"repeats) x (prefill {args.prompt_len} tokens + {args.tokens} steps); warm-up decode {args.warmup} steps"
+    )
+    trace.save(args.trace_out)
+    print(f"wrote {args.trace_out} ({trace.num_steps} steps, policy {cand.name})")
+
+
 def _stats(om: mo.OffloadedModel) -> mo.CacheStats:
     return dataclasses.replace(om.runtime.stats)
 
@@ -241,7 +271,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             bw.append(measure_h2d(eb, device, args.bw_repeats))
             # Every policy decodes the same tokens, so one routing trace serves all: Belady's MIN
             # on it, at the same cache size, is the fewest transfers any policy could make.
+            latency = measure_h2d_latency(device, args.bw_repeats)
             belady = mo.simulate(cands[1].om.runtime.recorded_trace(), "belady", per_layer) if len(cands) > 1 else None
+            if args.trace_out and len(cands) > 1:
+                save_trace(cands[-1], args, spec)
         finally:
             for c in cands:
                 c.om.close()
@@ -273,6 +306,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "mib_moved_per_token": moved / 2**20,
                 "cpu_misses": sum(s.cpu_misses for s in c.stats),
                 "h2d_gb_s": h2d / 1e9,
+                "h2d_latency_us": 1e6 * latency,
                 "transfer_ms": 1e3 * transfer_s,
                 "formula_ms": 1e3 * formula_s,
                 "compute_ms": 1e3 * compute_s,
@@ -296,6 +330,7 @@ COLUMNS = [
     ("ready_rate", "ready", "{:.3f}"),
     ("mib_moved_per_token", "MiB moved/tok", "{:.2f}"),
     ("h2d_gb_s", "h2d GB/s", "{:.2f}"),
+    ("h2d_latency_us", "4 KiB copy us", "{:.1f}"),
     ("transfer_ms", "transfer ms/tok", "{:.3f}"),
     ("formula_ms", "formula ms/tok", "{:.3f}"),
     ("compute_ms", "compute ms/tok", "{:.3f}"),
@@ -333,6 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", help="keep the random model here (built if it has no config.json; reused after)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--csv", action="store_true", help="write bench_out/offload_decode.csv")
+    p.add_argument("--trace-out", help="write the last policy's routing here (moe.offload.Trace)")
     p.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     args = p.parse_args(argv)
     if args.warmup is None:  # cuDNN attention plans are per KV length: warm them all up, or the first run pays
