@@ -23,9 +23,14 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 START=$SECONDS
 status=0
+STEPS=${GPU_STEPS:-all}  # e.g. GPU_STEPS="build tests moe_layer cuda_ops": only these steps run
 step() {  # step NAME MIN_S MAX_S CMD...: run under timeout if MIN_S still fit; log; remember failures
   local name=$1 need=$2 cap=$3
   shift 3
+  if [ "$STEPS" != all ] && [[ " $STEPS " != *" $name "* ]]; then
+    echo "=== $name not in GPU_STEPS" | tee -a "$LOG"
+    return
+  fi
   local left=$((DEADLINE - (SECONDS - START)))
   if [ "$left" -lt "$need" ]; then
     echo "=== $name SKIPPED: ${left}s left of ${DEADLINE}s, needs ~${need}s" | tee -a "$LOG"
@@ -46,11 +51,18 @@ csv() {  # csv NAME: the step's table, if it wrote one, into OUT_DIR
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 "$PY" -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('torch', 'triton', 'transformers')))" 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
-# pytest-xdist (if there) runs the test files in parallel on the one GPU: Triton compiles dominate.
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
+# pytest-xdist (if there) runs the test files in parallel on the one GPU (Triton compiles dominate);
+# a crashing test must not respawn workers for minutes, and -v keeps every test's name and outcome
+# in the log even when the step is cut off. pytest-timeout (if there) stops a hung test.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6 --dist loadfile --max-worker-restart 2")
+PT_TIMEOUT=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
 rm -f bench_out/{offload_decode,grouped_gemm,moe_layer_gpu,cuda_ops}.csv  # no stale tables
 step build 60 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-step tests 30 180 "$PY" -m pytest -q --maxfail=20 -p no:cacheprovider $XDIST -m gpu tests
+# Which libstdc++ the extension uses: the 2026-12-04 H200 build crashed formatting an int64 inside
+# its own copy of std::ostream::_M_insert<long> (csrc/common.h); this shows whether it still has one.
+step so_check 1 20 bash -c 'so=$(ls moe/_C*.so) && ldd "$so" | grep -E "stdc|gcc_s"; \
+  echo "ostream inserters defined in $so: $(nm -C --defined-only "$so" | grep -c "std::ostream::_M_insert")"'
+step tests 30 180 "$PY" -m pytest -v -rfE --maxfail=20 -p no:cacheprovider $XDIST $PT_TIMEOUT -m gpu tests
 MODEL_DIR=$(mktemp -d)/random-mixtral  # built once, reused by the second decode run
 step offload_decode 60 200 "$PY" benchmarks/offload_decode.py --device cuda --csv --model-dir "$MODEL_DIR" \
   --trace-out "$OUT_DIR/offload_decode_trace.safetensors" && csv offload_decode.csv

@@ -21,6 +21,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -166,6 +167,28 @@ def cases(dtype: torch.dtype) -> list[tuple[str, str, int, dict[str, Callable[[]
     return out
 
 
+def table_row(op: str, shape: str, num_bytes: int, us: dict[str, float]) -> dict[str, object]:
+    """One result row from the median microseconds of "ours", "reference" and "copy"."""
+    return {
+        "op": op,
+        "shape": shape,
+        "MB": num_bytes / 1e6,
+        "ours_us": us["ours"],
+        "reference_us": us["reference"],
+        "copy_us": us["copy"],
+        "ours_GBps": num_bytes / us["ours"] / 1e3,  # bytes per microsecond / 1e3 = GB/s
+        "pct_of_copy": 100 * us["copy"] / us["ours"],
+        "speedup_vs_reference": us["reference"] / us["ours"],
+    }
+
+
+def format_row(r: dict[str, Any]) -> str:
+    return (
+        f"{r['op']:<19} {r['shape']:<34} {r['MB']:>8.1f} {r['ours_us']:>9.1f} {r['reference_us']:>9.1f}"
+        f" {r['copy_us']:>9.1f} {r['ours_GBps']:>10.0f} {r['pct_of_copy']:>6.0f}% {r['speedup_vs_reference']:>6.2f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -183,24 +206,9 @@ def main() -> None:
     rows = []
     for op, shape, num_bytes, fns in cases(dtype):
         fns = {**fns, "copy": copy_floor(num_bytes)}
-        us = time_interleaved(fns, args.reps, args.inner)
-        gbps = num_bytes / us / 1e3
-        row = {
-            "op": op,
-            "shape": shape,
-            "MB": num_bytes / 1e6,
-            "ours_us": us["ours"],
-            "reference_us": us["reference"],
-            "copy_us": us["copy"],
-            "ours_GBps": gbps,
-            "pct_of_copy": 100 * us["copy"] / us["ours"],
-            "speedup_vs_reference": us["reference"] / us["ours"],
-        }
+        row = table_row(op, shape, num_bytes, time_interleaved(fns, args.reps, args.inner))
         rows.append(row)
-        print(
-            f"{op:<19} {shape:<34} {row['MB']:>8.1f} {us['ours']:>9.1f} {us['reference']:>9.1f} {us['copy']:>9.1f}"
-            f" {gbps:>10.0f} {row['pct_of_copy']:>6.0f}% {row['speedup_vs_reference']:>6.2f}x"
-        )
+        print(format_row(row))
     if args.csv:
         OUT_DIR.mkdir(exist_ok=True)
         path = OUT_DIR / "cuda_ops.csv"
