@@ -29,19 +29,20 @@ step() {  # step NAME MIN_S MAX_S CMD...: run under timeout if MIN_S still fit; 
   shift 3
   if [ "$STEPS" != all ] && [[ " $STEPS " != *" $name "* ]]; then
     echo "=== $name not in GPU_STEPS" | tee -a "$LOG"
-    return
+    return 1
   fi
   local left=$((DEADLINE - (SECONDS - START)))
   if [ "$left" -lt "$need" ]; then
     echo "=== $name SKIPPED: ${left}s left of ${DEADLINE}s, needs ~${need}s" | tee -a "$LOG"
     status=1
-    return
+    return 1
   fi
   [ "$cap" -lt "$left" ] || cap=$left
   echo "=== $name (t=$((SECONDS - START))s, limit ${cap}s): $*" | tee -a "$LOG"
   timeout "$cap" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc; 124 = timed out)" | tee -a "$LOG"; status=1; }
+  return "$rc"  # a skipped, failed or cut-off step copies no table (`step ... && csv ...`)
 }
 csv() {  # csv NAME: the step's table, if it wrote one, into OUT_DIR
   [ -f "bench_out/$1" ] && cp "bench_out/$1" "$OUT_DIR"/
