@@ -272,15 +272,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             # Every policy decodes the same tokens, so one routing trace serves all: Belady's MIN
             # on it, at the same cache size, is the fewest transfers any policy could make.
             latency = measure_h2d_latency(device, args.bw_repeats)
-            belady = mo.simulate(cands[1].om.runtime.recorded_trace(), "belady", per_layer) if len(cands) > 1 else None
+            trace = cands[1].om.runtime.recorded_trace() if len(cands) > 1 else None
+            belady = mo.simulate(trace, "belady", per_layer) if trace is not None else None
             if args.trace_out and len(cands) > 1:
                 save_trace(cands[-1], args, spec)
+            timers = {c.name: (dict(c.om.runtime.host_seconds), dict(c.om.runtime.host_calls)) for c in cands}
         finally:
             for c in cands:
                 c.om.close()
     h2d = statistics.median(bw)
     ref = cands[0]
     compute_s = statistics.median(ref.seconds) / args.tokens
+    sim = simulated_ms_per_token(args, trace, timers, compute_s, h2d, latency, per_layer, device)
     rows = []
     for c in cands:
         per_token = statistics.median(c.seconds) / args.tokens
@@ -314,11 +317,84 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "ratio": per_token / bound,
                 "floor_ms": 1e3 * floor_s,
                 "ratio_floor": per_token / floor_s,
+                "sim_ms_per_token": sim.get(c.name, math.nan),
+                "sim_error": sim.get(c.name, math.nan) / (1e3 * per_token) - 1.0,
                 "same_tokens": all(t == ref.tokens[0] for t in c.tokens),
                 "tokens": ref.tokens[0] if c is ref else c.tokens[0],
             }
         )
     return rows
+
+
+def decode_steps(trace: mo.Trace, args: argparse.Namespace) -> mo.Trace:
+    """`trace` without its prefill forwards: the timed decode steps are one token each.
+
+    The recorded forwards are the warm-up decode (a prefill and --warmup steps), then each repeat's
+    (a prefill and --tokens steps); a forward starts where the layer index does not increase.
+    """
+    starts = [s for s in range(trace.num_steps) if s == 0 or trace.layer_S[s] <= trace.layer_S[s - 1]]
+    groups = [1 + args.warmup] + [1 + args.tokens] * args.repeats
+    prefills, at = set(), 0
+    for g in groups:
+        prefills.add(at)
+        at += g
+    if at != len(starts):
+        raise ValueError(f"the trace has {len(starts)} forwards, the run made {at}")
+    keep = torch.ones(trace.num_steps, dtype=torch.bool)
+    for i in prefills:
+        end = starts[i + 1] if i + 1 < len(starts) else trace.num_steps
+        keep[starts[i] : end] = False
+    pick = keep.nonzero().flatten()
+    return mo.Trace(
+        trace.num_layers,
+        trace.num_experts,
+        trace.layer_S[pick],
+        trace.experts_SM[pick],
+        None if trace.probs_SE is None else trace.probs_SE[pick],
+        None if trace.ahead_SAE is None else trace.ahead_SAE[pick],
+        trace.expert_bytes,
+        trace.source,
+    )
+
+
+def simulated_ms_per_token(
+    args: argparse.Namespace,
+    trace: mo.Trace | None,
+    timers: dict[str, tuple[dict[str, float], dict[str, int]]],
+    compute_s: float,
+    h2d: float,
+    latency: float,
+    per_layer: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """The timeline's ms/token for each candidate, on this run's routing, from the "measured"
+    preset: compute calibrated on the resident run, copies from the measured bandwidth and latency
+    (on a CPU device no bytes move: the RAM tier is the device copy), host costs from the
+    runtime's own timers (per copy over every candidate, per forecast of the predictive one)."""
+    from moe.offload import timeline
+
+    if trace is None:
+        return {}
+    fetch_s = sum(t[0]["fetch"] for t in timers.values())
+    fetches = sum(t[1]["fetch"] for t in timers.values())
+    pred_s, preds = timers.get("predictive", ({"forecast": 0.0}, {"forecast": 0}))
+    cuda = device.type == "cuda"
+    steps = decode_steps(trace, args)
+    hw = timeline.measured_hardware(
+        steps,
+        resident_s_per_token=compute_s,
+        h2d_bytes_per_s=h2d if cuda else math.inf,
+        copy_latency_s=latency if cuda else 0.0,
+        async_copies=cuda,
+        host_share=args.sim_host_share,
+        copy_host_s=fetch_s / fetches if fetches else 0.0,
+        predict_host_s=pred_s["forecast"] / preds["forecast"] if preds["forecast"] else 0.0,
+    )
+    out = {RESIDENT: timeline.simulate_timeline(steps, "resident", per_layer, hw).ms_per_token}
+    for name in timers:
+        if name != RESIDENT:
+            out[name] = timeline.simulate_timeline(steps, name, per_layer, hw, lookahead=args.lookahead).ms_per_token
+    return out
 
 
 COLUMNS = [
@@ -338,6 +414,8 @@ COLUMNS = [
     ("ratio", "measured/bound", "{:.2f}"),
     ("floor_ms", "Belady floor ms/tok", "{:.3f}"),
     ("ratio_floor", "measured/floor", "{:.2f}"),
+    ("sim_ms_per_token", "timeline ms/tok", "{:.2f}"),
+    ("sim_error", "timeline/measured - 1", "{:+.0%}"),
     ("same_tokens", "same tokens", "{}"),
 ]
 
@@ -369,6 +447,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--csv", action="store_true", help="write bench_out/offload_decode.csv")
     p.add_argument("--trace-out", help="write the last policy's routing here (moe.offload.Trace)")
+    p.add_argument(
+        "--sim-host-share",
+        type=float,
+        default=1.0,
+        help="share of the resident time the timeline puts on the host (rest: device); batch 1 is host-bound",
+    )
     p.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     args = p.parse_args(argv)
     if args.warmup is None:  # cuDNN attention plans are per KV length: warm them all up, or the first run pays

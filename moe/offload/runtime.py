@@ -10,6 +10,7 @@ Shape legend: N routed rows sorted by expert, D dim, H expert hidden, F = 2H, E 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -96,13 +97,23 @@ class OffloadRuntime:
         self.predicts = self.residency.policy.prefetches
         self.trace = TraceBuilder(self.num_layers, max(num_experts), config.lookahead if self.predicts else 0)
         self.cpu_rows = 0
+        # Host seconds spent issuing copies and forecasting, and how many of each: the timeline's
+        # "measured" preset (moe.offload.timeline.measured_hardware) is calibrated from them.
+        self.host_seconds = {"fetch": 0.0, "forecast": 0.0}
+        self.host_calls = {"fetch": 0, "forecast": 0}
 
     @property
     def stats(self):  # noqa: ANN201 - CacheStats
         return self.residency.stats
 
     def _fetch(self, key: Key, prefetch: bool) -> None:
+        start = time.perf_counter()
         self.store.fetch(key, prefetch)
+        self._timed("fetch", start)
+
+    def _timed(self, what: str, start: float) -> None:
+        self.host_seconds[what] += time.perf_counter() - start
+        self.host_calls[what] += 1
 
     def _on_cpu(self, rows_E: list[int], device: torch.device, act_bytes: int) -> object:
         mode = self.config.miss
@@ -126,7 +137,9 @@ class OffloadRuntime:
     def _predict(self, layer: int, x_TD: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
         if not self.predicts or x_TD.shape[0] == 0:
             return None, []
+        start = time.perf_counter()
         probs, _, ahead = forecast(self.routers, layer, x_TD, self.config.lookahead)
+        self._timed("forecast", start)
         return probs, ahead
 
     @torch.no_grad()
