@@ -39,9 +39,7 @@ from moe.offload.predict import route, votes  # noqa: E402
 from moe.offload.trace import Trace, TraceBuilder  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "data", "trained_tinylm_trace.safetensors")
-MODEL = TinyLMConfig(
-    dim=96, num_layers=8, num_heads=4, num_experts=32, top_k=4, expert_hidden_dim=64, max_seq_len=128
-)
+MODEL = TinyLMConfig(dim=96, num_layers=8, num_heads=4, num_experts=32, top_k=4, expert_hidden_dim=64, max_seq_len=128)
 
 
 def unigram_loss(train_bytes: torch.Tensor, heldout_bytes: torch.Tensor) -> float:
@@ -120,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trace.save(args.out)
     out = {"heldout_loss": result.heldout_loss, "unigram_loss": unigram, **stats}
     print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f}s")
-    print(f"held-out loss {result.heldout_loss:.3f} nats/byte, unigram {unigram:.3f} ({unigram / math.log(2):.2f} bits)")
+    bits = unigram / math.log(2)
+    print(f"held-out loss {result.heldout_loss:.3f} nats/byte, unigram {unigram:.3f} ({bits:.2f} bits)")
     print(f"routing: next-token reuse {stats['reuse']:.3f}, next-layer recall {stats['next_layer_recall']:.3f}")
     print("  (Fate, arXiv 2502.12224: next-layer recall ~0.80-0.90 Mixtral, ~0.97 Qwen1.5-MoE / DeepSeekMoE)")
     print(f"wrote {args.out}: {trace.num_steps} steps, {os.path.getsize(args.out) / 1e6:.2f} MB")
