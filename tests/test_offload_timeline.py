@@ -66,7 +66,7 @@ def test_a_prefetch_overlaps_the_host_work_before_its_use() -> None:
     steps = [(0, [0]), (1, [0]), (0, [0]), (1, [1])]
     trace = _trace(steps, num_layers=2, num_experts=2, ahead=[[(1, none)], [], [(1, votes)], []])
     lru = simulate_timeline(trace, "lru", 2, SLOW_LINK)
-    pred = simulate_timeline(trace, "predictive", 2, SLOW_LINK)
+    pred = simulate_timeline(trace, "predictive", 2, SLOW_LINK, link_budget=False)
     # Token 1 (both): 1 s of layer 0, its copy to 11 (the host does layer 1 meanwhile), layer 1's
     # copy to 21. Token 2: layer 0 at 22 hits; LRU copies (1, 1) at 23 -> 33; predictive started
     # it at 22 -> 32.
@@ -74,6 +74,11 @@ def test_a_prefetch_overlaps_the_host_work_before_its_use() -> None:
     assert pred.ms_per_token == pytest.approx(1e3 * 32 / 2)
     assert pred.prefetch_precision == 1.0 and pred.bytes_per_token == lru.bytes_per_token
     assert pred.ready_rate > lru.ready_rate
+    # With the link budget a 10 s copy does not fit in the 1 s before layer 1's routing: no guess.
+    budgeted = simulate_timeline(trace, "predictive", 2, SLOW_LINK)
+    assert math.isnan(budgeted.prefetch_precision) and budgeted.ms_per_token == lru.ms_per_token
+    fast = dataclasses.replace(SLOW_LINK, h2d_bytes_per_s=200.0)  # 0.5 s copies: one fits
+    assert simulate_timeline(trace, "predictive", 2, fast).prefetch_precision == 1.0
 
 
 def test_demand_copies_go_before_queued_prefetches_and_evicted_ones_are_cancelled() -> None:
@@ -82,7 +87,7 @@ def test_demand_copies_go_before_queued_prefetches_and_evicted_ones_are_cancelle
     # behind them. A second run predicts the wrong expert, which is evicted before it copies.
     right = torch.tensor([0.0, 0.0, 1.0])
     trace = _trace([(0, [0, 1]), (1, [2])], num_layers=2, num_experts=3, ahead=[[(1, right)], []])
-    pred = simulate_timeline(trace, "predictive", 2, SLOW_LINK)
+    pred = simulate_timeline(trace, "predictive", 2, SLOW_LINK, link_budget=False)
     # host: 1 (layer 0) -> demand 0 ready 11, demand 1 ready 21 -> host 21; layer 1: 22, its
     # prefetch starts at 21 and lands at 31.
     assert pred.ms_per_token == pytest.approx(1e3 * 31.0)
@@ -91,7 +96,7 @@ def test_demand_copies_go_before_queued_prefetches_and_evicted_ones_are_cancelle
     # the demand miss evicts the guess while it still waits behind layer 0's copies.
     wrong = torch.tensor([0.0, 0.0, 1.0])
     trace = _trace([(0, [0, 1]), (1, [1])], num_layers=2, num_experts=3, ahead=[[(1, wrong)], []])
-    pred = simulate_timeline(trace, "predictive", 1, SLOW_LINK)
+    pred = simulate_timeline(trace, "predictive", 1, SLOW_LINK, link_budget=False)
     assert pred.cancelled_prefetches == 1 and pred.prefetch_precision == 0.0
     assert pred.bytes_per_token == 300  # the cancelled guess moved no bytes
     assert pred.ms_per_token == pytest.approx(1e3 * 31.0)

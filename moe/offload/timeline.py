@@ -46,7 +46,16 @@ __all__ = [
     "simulate_timeline",
 ]
 
-TIMELINE_POLICIES = ("lru", "lfu", "predictive", "predictive_cpu", "belady", "oracle", "resident")
+TIMELINE_POLICIES = (
+    "lru",
+    "lfu",
+    "predictive",
+    "predictive_cpu",
+    "belady",
+    "oracle",
+    "resident",
+)
+_PREFETCHING = ("predictive",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,17 +286,20 @@ def simulate_timeline(
     *,
     scope: str = "layer",
     lookahead: int | None = None,
+    link_budget: bool = True,
 ) -> TimelineResult:
     """Replays `trace` under `policy` with `capacity` experts per layer on machine `hw`.
 
     Args:
         trace: routing trace; one forward per pass over the layers (the step where the layer
             index does not increase starts the next token).
-        policy: one of TIMELINE_POLICIES ("predictive_cpu": predictive with misses computed on
-            the CPU when cpu_expert_s is below the copy's expected wait).
+        policy: one of TIMELINE_POLICIES (a "_cpu" suffix: misses computed on the CPU when
+            cpu_expert_s is below the copy's expected wait).
         capacity: experts per layer (scope="global": capacity * num_layers in one pool).
         hw: a Hardware (PRESETS[name], or measured_hardware(...)).
         lookahead: layers predicted ahead (predictive; default all the trace recorded).
+        link_budget: start only the prefetches that fit in the link's idle time before the next
+            layer's demand copies (False: every confident guess, queued behind demand copies).
     """
     if policy not in TIMELINE_POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {TIMELINE_POLICIES}")
@@ -296,22 +308,25 @@ def simulate_timeline(
     if capacity > trace.num_experts and policy != "resident":
         raise ValueError(f"capacity {capacity} exceeds the trace's {trace.num_experts} experts per layer")
     link = _Link(hw)
+    base = policy.removesuffix("_cpu")
     if policy in ("belady", "oracle"):
         pol = Belady(trace.requests())
     else:
-        pol = make_policy(
-            "predictive" if policy.startswith("predictive") else ("lru" if policy == "resident" else policy)
-        )
+        pol = make_policy("lru" if policy == "resident" else base)
     if policy == "resident":
         capacity = trace.num_experts
     res = Residency(capacity * trace.num_layers, pol, trace.num_layers, scope, on_evict=link.evicted)
-    engine = CacheEngine(res, lambda layer: 1)
+    clock = {"host": 0.0, "experts": 0.0}
+    engine = CacheEngine(
+        res,
+        lambda layer: 1,
+        prefetch_budget=(lambda: _prefetch_budget(link, clock["host"], hw, clock["experts"])) if link_budget else None,
+    )
     if policy == "resident":  # every expert already on the device
         for layer in range(trace.num_layers):
             for e in range(trace.num_experts):
                 res.insert((layer, e), 1)
     host = device = 0.0
-    clock = {"host": 0.0}
 
     def fetch(key: Key, prefetch: bool) -> None:
         clock["host"] += hw.copy_host_s
@@ -342,14 +357,15 @@ def simulate_timeline(
         host += hw.layer_host_s
         device = max(device, launch) + hw.layer_device_s
         host = max(host, device)  # the router's choice is read on the host
-        if policy.startswith("predictive"):
+        if base in _PREFETCHING:
             host += hw.predict_host_s
         clock["host"] = host
+        clock["experts"] = float(len(trace.needed(s)))
         ahead = []
-        if policy.startswith("predictive") and trace.ahead_SAE is not None:
+        if base in _PREFETCHING and trace.ahead_SAE is not None:
             ahead = [(layer + j + 1, trace.ahead_SAE[s, j]) for j in range(depth) if layer + j + 1 < trace.num_layers]
         probs = trace.probs_SE[s] if trace.probs_SE is not None else None
-        steps = engine.step(layer, trace.needed(s), probs, ahead, on_cpu if policy == "predictive_cpu" else None)
+        steps = engine.step(layer, trace.needed(s), probs, ahead, on_cpu if policy.endswith("_cpu") else None)
         for e, where in steps:
             if where == "cpu":
                 clock["host"] += hw.cpu_expert_s
@@ -378,6 +394,15 @@ def simulate_timeline(
         prefetch_recall=stats.prefetch_hits / misses if misses else math.nan,
         cancelled_prefetches=link.cancelled,
     )
+
+
+def _prefetch_budget(link: _Link, now: float, hw: Hardware, experts: float) -> int:
+    """Prefetch copies that fit in the link's idle time before the next layer's demand copies:
+    this layer's experts and the next layer's own work (its routing is not known before), minus
+    the copies already queued or running. A copy still running then would delay a needed expert."""
+    window = hw.layer_host_s + hw.layer_device_s + experts * (hw.expert_host_s + hw.expert_device_s)
+    backlog = max(min(link.free) - now, 0.0) + len(link.queue) * hw.copy_s
+    return int(max(window - backlog, 0.0) / hw.copy_s) * hw.copy_streams if hw.async_copies else 0
 
 
 def _oracle_prefetch(trace: Trace, s: int, res: Residency, link: _Link, now: float, hw: Hardware) -> float:
