@@ -249,10 +249,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         try:
             for name, budget in budgets:
                 start = time.perf_counter()
-                om = mo.load(
-                    model_dir, device, budget, "lru" if name == RESIDENT else name, miss=args.miss,
-                    dtype=spec.torch_dtype, lookahead=args.lookahead, record_trace=name != RESIDENT,
+                config = mo.OffloadConfig(
+                    expert_cache_bytes=budget, policy="lru" if name == RESIDENT else name, miss=args.miss,
+                    lookahead=args.lookahead, record_trace=name != RESIDENT,
                 )  # fmt: skip
+                om = mo.load(model_dir, device, config=config, dtype=spec.torch_dtype)
                 warm_ram(om)
                 if name == RESIDENT:
                     make_all_resident(om)
