@@ -16,8 +16,7 @@ Shapes: T tokens, D dim, E experts, K copies per token, N = T * K rows.
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe import reference  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "bench_out"
 # (name, T, D, E, K): Mixtral-like and fine-grained (DeepSeek / Qwen3-MoE-like) layers.
@@ -49,21 +53,8 @@ def load_kernels() -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, inner: int) -> dict[str, float]:
     """Median microseconds per call of each fn, candidates interleaved within every rep."""
-    for fn in fns.values():  # warm-up (allocator, lazy init)
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) * 1e3 / inner)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    samples = harness.time_interleaved(fns, reps, warmup=3, inner=inner, device="cuda")
+    return {name: 1e6 * t for name, t in harness.medians(samples).items()}
 
 
 def copy_floor(num_bytes: int) -> Callable[[], object]:
@@ -212,10 +203,7 @@ def main() -> None:
     if args.csv:
         OUT_DIR.mkdir(exist_ok=True)
         path = OUT_DIR / "cuda_ops.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        harness.write_csv(path, rows)
         print(f"# wrote {path}")
 
 

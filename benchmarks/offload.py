@@ -17,7 +17,6 @@ Writes bench_out/offload.csv and bench_out/offload.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import tempfile
@@ -29,6 +28,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import moe.offload as mo  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 POLICIES = ("lru", "lfu", "predictive", "belady")
 
@@ -158,10 +162,7 @@ def main() -> None:
     if not args.no_record:
         run("recorded random Mixtral", record_random_model(16 if args.quick else 96), args.sizes, rows)
     csv_path = os.path.join(args.out, "offload.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    harness.write_csv(csv_path, rows)
     plot(rows, os.path.join(args.out, "offload.png"))
     print(f"\nwrote {csv_path} and offload.png in {time.perf_counter() - start:.0f}s")
 

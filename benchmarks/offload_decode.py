@@ -30,7 +30,6 @@ Writes bench_out/offload_decode.csv with --csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import gc
 import math
@@ -48,6 +47,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import moe.offload as mo  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 POLICIES = ("lru", "lfu", "predictive")
 RESIDENT = "resident"
@@ -249,10 +253,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         try:
             for name, budget in budgets:
                 start = time.perf_counter()
-                om = mo.load(
-                    model_dir, device, budget, "lru" if name == RESIDENT else name, miss=args.miss,
-                    dtype=spec.torch_dtype, lookahead=args.lookahead, record_trace=name != RESIDENT,
+                config = mo.OffloadConfig(
+                    expert_cache_bytes=budget, policy="lru" if name == RESIDENT else name, miss=args.miss,
+                    lookahead=args.lookahead, record_trace=name != RESIDENT,
                 )  # fmt: skip
+                om = mo.load(model_dir, device, config=config, dtype=spec.torch_dtype)
                 warm_ram(om)
                 if name == RESIDENT:
                     make_all_resident(om)
@@ -481,10 +486,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.csv:
         os.makedirs("bench_out", exist_ok=True)
         path = os.path.join("bench_out", "offload_decode.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "tokens"], extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        fields = [k for k in rows[0] if k != "tokens"]
+        harness.write_csv(path, [{k: r[k] for k in fields} for r in rows], fieldnames=fields)
         print(f"wrote {path}")
     gc.collect()
     return rows

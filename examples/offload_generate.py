@@ -105,10 +105,11 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     ram = None if args.ram_cache_gb is None else int(args.ram_cache_gb * (1 << 30))
     start = time.perf_counter()
-    om = mo.load(
-        model_dir, args.device, budget, args.policy, scope=args.scope, lookahead=args.lookahead, miss=args.miss,
-        ram_cache_bytes=ram, dtype=dtype, progress=True, record_trace=True,  # for Belady on the same trace
+    config = mo.OffloadConfig(
+        expert_cache_bytes=budget, policy=args.policy, scope=args.scope, lookahead=args.lookahead, miss=args.miss,
+        ram_cache_bytes=ram, record_trace=True,  # for Belady on the same trace
     )  # fmt: skip
+    om = mo.load(model_dir, args.device, config=config, dtype=dtype, progress=True)
     print(f"loaded in {time.perf_counter() - start:.1f}s; expert cache {budget / 2**20:.1f} MiB", file=sys.stderr)
 
     tokenizer = _tokenizer(model_dir)

@@ -3,7 +3,15 @@
 `import moe` does no work: no extension builds, no device probing, no process groups.
 """
 
-from moe.config import AuxFreeConfig, ExpertChoiceConfig, MoEConfig, RecurrentConfig, TopKConfig
+from moe.config import (
+    AuxFreeConfig,
+    ExpertChoiceConfig,
+    MoEConfig,
+    ParallelConfig,
+    PlannerConfig,
+    RecurrentConfig,
+    TopKConfig,
+)
 from moe.cpu_memory import keep_freed_memory
 from moe.layer import MoE, MoEStats
 from moe.model_utils import aux_loss, update_routers
@@ -19,6 +27,8 @@ __all__ = [
     "AuxFreeConfig",
     "RecurrentConfig",
     "ExpertChoiceConfig",
+    "ParallelConfig",
+    "PlannerConfig",
     "Router",
     "Routing",
     "aux_loss",
