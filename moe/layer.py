@@ -238,12 +238,9 @@ class MoE(nn.Module):
             assert cfg.capacity_factor is not None
             routing, self._dropped = drop_over_capacity(routing, x_TD, cfg.num_experts, cfg.capacity_factor, mask_T)
 
-        # dispatch -> experts -> combine; the shared experts are handed over as work to overlap.
-        shared = (
-            None
-            if self.shared_experts is None
-            else partial(shared_output, self.shared_experts, self.shared_expert_gate)
-        )
+        # dispatch -> experts -> combine; the shared experts go along as work the dispatcher may overlap.
+        mlp, gate = self.shared_experts, self.shared_expert_gate
+        shared = None if mlp is None else partial(shared_output, mlp, gate)
         y_TD, shared_TD = self._dispatcher().run(x_TD, routing, self.experts, shared)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
