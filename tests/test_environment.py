@@ -1,6 +1,7 @@
 """The checkout as a new user meets it: no folder of ours shadows an installed distribution (the top-level
 kernels/ folder vs the PyPI `kernels` that transformers 5.x imports), moe.kernels imports from a plain
-checkout, an editable install and a wheel and every script answers --help from the repository root.
+checkout, an editable install and a wheel, every script answers --help from the repository root, and
+requirements-lock.txt pins every direct requirement within its range.
 
 Each import check runs in a fresh interpreter (subprocess) so that this process's sys.path and
 sys.modules prove nothing.
@@ -178,3 +179,30 @@ def test_script_answers_help_from_the_root(script: str) -> None:
     """`python benchmarks/x.py --help` from the root imports everything the script imports, then prints usage."""
     out = run_python([script, "--help"], cwd=ROOT, env=clean_env())
     assert f"usage: {Path(script).name} " in out, out[-2000:]  # DeepSpeed may log a line before it
+
+
+# ---------------------------------------------------------------- the pinned environment
+
+
+def _requirements(path: Path) -> list[Requirement]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def test_lock_pins_every_direct_requirement_in_range() -> None:
+    lock = _requirements(ROOT / "requirements-lock.txt")
+    pins = {}
+    for req in lock:
+        (spec,) = req.specifier
+        assert spec.operator == "==" and not req.marker and not req.extras, f"not an exact pin: {req}"
+        assert canonicalize_name(req.name) not in pins, f"pinned twice: {req.name}"
+        pins[canonicalize_name(req.name)] = spec.version
+    for req in _requirements(ROOT / "requirements-dev.txt"):
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req} is not pinned in requirements-lock.txt (run make lock)"
+        assert req.specifier.contains(pins[name], prereleases=True), f"lock has {name}=={pins[name]}, outside {req}"
+    # torch and triton come from TORCH_SPEC / TRITON_SPEC (or an installed CUDA build), never from the lock
+    held_out = [n for n in pins if n in ("torch", "triton") or n.startswith(("nvidia-", "cuda-"))]
+    assert not held_out, held_out
+    if int(pins["transformers"].split(".")[0]) >= 5:
+        assert "kernels" in pins, "transformers 5.x imports the PyPI `kernels`; the lock must pin it"
