@@ -31,7 +31,7 @@ $(VENV)/.installed: setup.py requirements-dev.txt $(LOCK) $(wildcard csrc/*.cpp 
 	touch $@
 
 test: venv
-	$(PYTHON) -m pytest -q tests
+	MOE_LOCK=$(LOCK) $(PYTHON) -m pytest -q tests
 
 demo: venv
 	$(PYTHON) examples/quickstart.py

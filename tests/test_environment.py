@@ -206,3 +206,20 @@ def test_lock_pins_every_direct_requirement_in_range() -> None:
     assert not held_out, held_out
     if int(pins["transformers"].split(".")[0]) >= 5:
         assert "kernels" in pins, "transformers 5.x imports the PyPI `kernels`; the lock must pin it"
+
+
+def test_installed_versions_match_the_lock() -> None:
+    """`make test` sets MOE_LOCK to the lock `make venv` installed with: every pin is what is installed."""
+    lock = os.environ.get("MOE_LOCK")
+    if not lock:
+        pytest.skip("MOE_LOCK is not set (make test sets it; make test-latest and LOCK= do not pin)")
+    wrong = []
+    for req in _requirements(ROOT / lock):
+        (spec,) = req.specifier
+        try:
+            installed = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = "not installed"
+        if installed != spec.version:
+            wrong.append(f"{req.name}: locked {spec.version}, installed {installed}")
+    assert not wrong, "the venv differs from the lock (rm -r .venv; make venv):\n" + "\n".join(wrong)
