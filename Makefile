@@ -60,16 +60,20 @@ lock:
 # Drift check, not part of CI: a fresh venv with the newest release of every dependency (torch
 # stays TORCH_SPEC or the installed one; triton is the newest on CPU, torch's pin with CUDA),
 # then the test suite. Record the date, versions and result in README and BENCHMARKS.md.
+# LATEST_EXTRA adds requirements, e.g. the oldest supported transformers:
+#   make test-latest LATEST_VENV=.venv-tf457 LATEST_EXTRA='transformers==4.57.*'
+LATEST_EXTRA ?=
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PY) -m venv --system-site-packages $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(LATEST_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST_VENV)/hold-torch.txt
 	$(LATEST_VENV)/bin/python -m pip install -q -U --upgrade-strategy eager triton -r requirements-dev.txt \
-	  -c $(LATEST_VENV)/hold-torch.txt
+	  $(LATEST_EXTRA) -c $(LATEST_VENV)/hold-torch.txt
 	$(LATEST_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	$(LATEST_VENV)/bin/python -m pip list --format freeze > $(LATEST_VENV)/versions.txt
-	$(LATEST_VENV)/bin/python -c "import importlib.metadata as m; print('test-latest:', *(f'{p}=={m.version(p)}' for p in ('torch', 'triton', 'transformers', 'kernels', 'huggingface-hub', 'deepspeed', 'numpy', 'safetensors', 'pytest')))"
+	@echo "test-latest: $$(grep -iE '^(torch|triton|transformers|kernels|huggingface.hub|tokenizers|deepspeed|numpy|safetensors|pytest)==' \
+	  $(LATEST_VENV)/versions.txt | tr '\n' ' ')"
 	$(LATEST_VENV)/bin/python -m pytest -q tests
 
 bench: venv
