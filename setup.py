@@ -38,7 +38,9 @@ def extensions() -> tuple[list, dict]:
         )
     else:
         ext = cpp_extension.CppExtension("moe._C", cpp, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+    # ninja (when installed) compiles the sources in parallel (MAX_JOBS); without it torch falls back to
+    # one-at-a-time compiles with a warning. The CUDA build needs it: five .cu files one by one take minutes.
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

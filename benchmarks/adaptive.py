@@ -14,9 +14,9 @@ Writes bench_out/adaptive_w{W}.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -24,6 +24,11 @@ import torch.distributed as dist
 
 import moe
 from moe.parallel import Plan, PlannerConfig
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 
 def _step(layer: moe.MoE, x: torch.Tensor) -> float:
@@ -160,10 +165,7 @@ def main() -> None:
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"adaptive_w{world}.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        harness.write_csv(path, rows)
         print(f"wrote {path}")
     dist.destroy_process_group()
 

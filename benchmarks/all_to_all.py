@@ -25,9 +25,9 @@ Writes bench_out/all_to_all_w{W}.csv and .png.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +38,11 @@ import torch.distributed as dist
 from moe.parallel import ExpertParallelDispatcher, all_to_all, hierarchical_all_to_all
 from moe.parallel.comm import exchange_counts
 from moe.routing.base import Routing
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 
 class _Identity:
@@ -186,10 +191,7 @@ def _report(rows: list[dict[str, Any]], world: int, out_dir: str) -> None:
         )
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"all_to_all_w{world}.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    harness.write_csv(path, rows)
     try:
         import matplotlib
 

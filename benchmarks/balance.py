@@ -17,7 +17,7 @@ uses the softmax scores of the aux-loss routers, so that only the balancing meth
 from __future__ import annotations
 
 import argparse
-import csv
+import os
 import platform
 import statistics
 import sys
@@ -31,6 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from tiny_lm import ByteData, TinyLM, TinyLMConfig, TrainConfig, load_stdlib_bytes, train  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 BASELINE = "aux_1e-3"
 OUT_DIR = Path(__file__).resolve().parents[1] / "bench_out"
@@ -142,10 +147,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     fields = [k for k in rows[0] if k != "max_vio_curve"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in fields} for r in rows)
+    harness.write_csv(path, [{k: r[k] for k in fields} for r in rows], fieldnames=fields)
 
 
 def write_png(rows: list[dict[str, Any]], path: Path, window: int = 25) -> None:

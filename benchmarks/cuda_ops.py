@@ -16,17 +16,22 @@ Shapes: T tokens, D dim, E experts, K copies per token, N = T * K rows.
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe import reference  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "bench_out"
 # (name, T, D, E, K): Mixtral-like and fine-grained (DeepSeek / Qwen3-MoE-like) layers.
@@ -48,21 +53,8 @@ def load_kernels() -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, inner: int) -> dict[str, float]:
     """Median microseconds per call of each fn, candidates interleaved within every rep."""
-    for fn in fns.values():  # warm-up (allocator, lazy init)
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) * 1e3 / inner)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    samples = harness.time_interleaved(fns, reps, warmup=3, inner=inner, device="cuda")
+    return {name: 1e6 * t for name, t in harness.medians(samples).items()}
 
 
 def copy_floor(num_bytes: int) -> Callable[[], object]:
@@ -166,6 +158,28 @@ def cases(dtype: torch.dtype) -> list[tuple[str, str, int, dict[str, Callable[[]
     return out
 
 
+def table_row(op: str, shape: str, num_bytes: int, us: dict[str, float]) -> dict[str, object]:
+    """One result row from the median microseconds of "ours", "reference" and "copy"."""
+    return {
+        "op": op,
+        "shape": shape,
+        "MB": num_bytes / 1e6,
+        "ours_us": us["ours"],
+        "reference_us": us["reference"],
+        "copy_us": us["copy"],
+        "ours_GBps": num_bytes / us["ours"] / 1e3,  # bytes per microsecond / 1e3 = GB/s
+        "pct_of_copy": 100 * us["copy"] / us["ours"],
+        "speedup_vs_reference": us["reference"] / us["ours"],
+    }
+
+
+def format_row(r: dict[str, Any]) -> str:
+    return (
+        f"{r['op']:<19} {r['shape']:<34} {r['MB']:>8.1f} {r['ours_us']:>9.1f} {r['reference_us']:>9.1f}"
+        f" {r['copy_us']:>9.1f} {r['ours_GBps']:>10.0f} {r['pct_of_copy']:>6.0f}% {r['speedup_vs_reference']:>6.2f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -183,31 +197,13 @@ def main() -> None:
     rows = []
     for op, shape, num_bytes, fns in cases(dtype):
         fns = {**fns, "copy": copy_floor(num_bytes)}
-        us = time_interleaved(fns, args.reps, args.inner)
-        gbps = num_bytes / us / 1e3
-        row = {
-            "op": op,
-            "shape": shape,
-            "MB": num_bytes / 1e6,
-            "ours_us": us["ours"],
-            "reference_us": us["reference"],
-            "copy_us": us["copy"],
-            "ours_GBps": gbps,
-            "pct_of_copy": 100 * us["copy"] / us["ours"],
-            "speedup_vs_reference": us["reference"] / us["ours"],
-        }
+        row = table_row(op, shape, num_bytes, time_interleaved(fns, args.reps, args.inner))
         rows.append(row)
-        print(
-            f"{op:<19} {shape:<34} {row['MB']:>8.1f} {us['ours']:>9.1f} {us['reference']:>9.1f} {us['copy']:>9.1f}"
-            f" {gbps:>10.0f} {row['pct_of_copy']:>6.0f}% {row['speedup_vs_reference']:>6.2f}x"
-        )
+        print(format_row(row))
     if args.csv:
         OUT_DIR.mkdir(exist_ok=True)
         path = OUT_DIR / "cuda_ops.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        harness.write_csv(path, rows)
         print(f"# wrote {path}")
 
 

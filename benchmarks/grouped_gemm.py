@@ -26,7 +26,6 @@ Correctness: max abs error of ours vs the per-expert loop (fp32 reference where 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -36,6 +35,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -368,10 +372,7 @@ def main() -> None:
     if args.csv:
         os.makedirs(ROOT / "bench_out", exist_ok=True)
         path = ROOT / "bench_out" / "grouped_gemm.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        harness.write_csv(path, rows)
         print(f"\nwrote {path}")
 
 

@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import socket
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +52,11 @@ from torch import nn
 
 import moe
 from moe import ops
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -331,24 +334,7 @@ class GemmFloor:
 # ---------------------------------------------------------------- timing
 
 
-class Clock:
-    """Wall time on CPU; CUDA events (with a synchronize) on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def time(self, fn: Callable[[], Any]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+Clock = harness.Clock  # wall time on CPU; CUDA events (with a synchronize) on CUDA
 
 
 def _clear_grads(params: list[nn.Parameter], x: torch.Tensor) -> None:
@@ -547,10 +533,7 @@ def print_table(shape: Shape, rows: list[dict[str, Any]], skipped: list[str], he
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    harness.write_csv(path, rows)
     print(f"wrote {path}")
 
 

@@ -30,7 +30,6 @@ Writes bench_out/offload_decode.csv with --csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import gc
 import math
@@ -48,6 +47,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import moe.offload as mo  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # bench_harness (appended: it shadows nothing)
+import bench_harness as harness  # noqa: E402
 
 POLICIES = ("lru", "lfu", "predictive")
 RESIDENT = "resident"
@@ -126,6 +130,36 @@ def measure_h2d(nbytes: int, device: torch.device, repeats: int) -> float:
         if i >= 2:  # two warm-up copies
             times.append(time.perf_counter() - start)
     return nbytes / max(statistics.median(times), 1e-12)
+
+
+def measure_h2d_latency(device: torch.device, repeats: int, nbytes: int = 4096) -> float:
+    """Seconds of one small (4 KiB) pinned host -> device copy, synchronised: the per-copy cost a
+    timeline model adds to bytes / bandwidth (median of repeats; on the CPU, a small memcpy)."""
+    cuda = device.type == "cuda"
+    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for i in range(repeats + 2):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def save_trace(cand: Candidate, args: argparse.Namespace, spec: ModelSpec) -> None:
+    """Writes the routing `cand` recorded (every forward since loading: the warm-up decode, then each
+    repeat's, each a prefill of --prompt-len tokens and --tokens one-token steps; one trace step per
+    layer and forward) with moe.offload.Trace.save, for replaying the measured run offline."""
+    trace = cand.om.runtime.recorded_trace()
+    trace.source = (
+        f"offload_decode {cand.name} on {args.device}: model {spec}; forwards = (1 warm-up + {args.repeats} "
+        f"repeats) x (prefill {args.prompt_len} tokens + {args.tokens} steps); warm-up decode {args.warmup} steps"
+    )
+    trace.save(args.trace_out)
+    print(f"wrote {args.trace_out} ({trace.num_steps} steps, policy {cand.name})")
 
 
 def _stats(om: mo.OffloadedModel) -> mo.CacheStats:
@@ -219,10 +253,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         try:
             for name, budget in budgets:
                 start = time.perf_counter()
-                om = mo.load(
-                    model_dir, device, budget, "lru" if name == RESIDENT else name, miss=args.miss,
-                    dtype=spec.torch_dtype, lookahead=args.lookahead, record_trace=name != RESIDENT,
+                config = mo.OffloadConfig(
+                    expert_cache_bytes=budget, policy="lru" if name == RESIDENT else name, miss=args.miss,
+                    lookahead=args.lookahead, record_trace=name != RESIDENT,
                 )  # fmt: skip
+                om = mo.load(model_dir, device, config=config, dtype=spec.torch_dtype)
                 warm_ram(om)
                 if name == RESIDENT:
                     make_all_resident(om)
@@ -241,13 +276,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             bw.append(measure_h2d(eb, device, args.bw_repeats))
             # Every policy decodes the same tokens, so one routing trace serves all: Belady's MIN
             # on it, at the same cache size, is the fewest transfers any policy could make.
-            belady = mo.simulate(cands[1].om.runtime.recorded_trace(), "belady", per_layer) if len(cands) > 1 else None
+            latency = measure_h2d_latency(device, args.bw_repeats)
+            trace = cands[1].om.runtime.recorded_trace() if len(cands) > 1 else None
+            belady = mo.simulate(trace, "belady", per_layer) if trace is not None else None
+            if args.trace_out and len(cands) > 1:
+                save_trace(cands[-1], args, spec)
+            timers = {c.name: (dict(c.om.runtime.host_seconds), dict(c.om.runtime.host_calls)) for c in cands}
         finally:
             for c in cands:
                 c.om.close()
     h2d = statistics.median(bw)
     ref = cands[0]
     compute_s = statistics.median(ref.seconds) / args.tokens
+    sim = simulated_ms_per_token(args, trace, timers, compute_s, h2d, latency, per_layer, device)
     rows = []
     for c in cands:
         per_token = statistics.median(c.seconds) / args.tokens
@@ -273,6 +314,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "mib_moved_per_token": moved / 2**20,
                 "cpu_misses": sum(s.cpu_misses for s in c.stats),
                 "h2d_gb_s": h2d / 1e9,
+                "h2d_latency_us": 1e6 * latency,
                 "transfer_ms": 1e3 * transfer_s,
                 "formula_ms": 1e3 * formula_s,
                 "compute_ms": 1e3 * compute_s,
@@ -280,11 +322,84 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "ratio": per_token / bound,
                 "floor_ms": 1e3 * floor_s,
                 "ratio_floor": per_token / floor_s,
+                "sim_ms_per_token": sim.get(c.name, math.nan),
+                "sim_error": sim.get(c.name, math.nan) / (1e3 * per_token) - 1.0,
                 "same_tokens": all(t == ref.tokens[0] for t in c.tokens),
                 "tokens": ref.tokens[0] if c is ref else c.tokens[0],
             }
         )
     return rows
+
+
+def decode_steps(trace: mo.Trace, args: argparse.Namespace) -> mo.Trace:
+    """`trace` without its prefill forwards: the timed decode steps are one token each.
+
+    The recorded forwards are the warm-up decode (a prefill and --warmup steps), then each repeat's
+    (a prefill and --tokens steps); a forward starts where the layer index does not increase.
+    """
+    starts = [s for s in range(trace.num_steps) if s == 0 or trace.layer_S[s] <= trace.layer_S[s - 1]]
+    groups = [1 + args.warmup] + [1 + args.tokens] * args.repeats
+    prefills, at = set(), 0
+    for g in groups:
+        prefills.add(at)
+        at += g
+    if at != len(starts):
+        raise ValueError(f"the trace has {len(starts)} forwards, the run made {at}")
+    keep = torch.ones(trace.num_steps, dtype=torch.bool)
+    for i in prefills:
+        end = starts[i + 1] if i + 1 < len(starts) else trace.num_steps
+        keep[starts[i] : end] = False
+    pick = keep.nonzero().flatten()
+    return mo.Trace(
+        trace.num_layers,
+        trace.num_experts,
+        trace.layer_S[pick],
+        trace.experts_SM[pick],
+        None if trace.probs_SE is None else trace.probs_SE[pick],
+        None if trace.ahead_SAE is None else trace.ahead_SAE[pick],
+        trace.expert_bytes,
+        trace.source,
+    )
+
+
+def simulated_ms_per_token(
+    args: argparse.Namespace,
+    trace: mo.Trace | None,
+    timers: dict[str, tuple[dict[str, float], dict[str, int]]],
+    compute_s: float,
+    h2d: float,
+    latency: float,
+    per_layer: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """The timeline's ms/token for each candidate, on this run's routing, from the "measured"
+    preset: compute calibrated on the resident run, copies from the measured bandwidth and latency
+    (on a CPU device no bytes move: the RAM tier is the device copy), host costs from the
+    runtime's own timers (per copy over every candidate, per forecast of the predictive one)."""
+    from moe.offload import timeline
+
+    if trace is None:
+        return {}
+    fetch_s = sum(t[0]["fetch"] for t in timers.values())
+    fetches = sum(t[1]["fetch"] for t in timers.values())
+    pred_s, preds = timers.get("predictive", ({"forecast": 0.0}, {"forecast": 0}))
+    cuda = device.type == "cuda"
+    steps = decode_steps(trace, args)
+    hw = timeline.measured_hardware(
+        steps,
+        resident_s_per_token=compute_s,
+        h2d_bytes_per_s=h2d if cuda else math.inf,
+        copy_latency_s=latency if cuda else 0.0,
+        async_copies=cuda,
+        host_share=args.sim_host_share,
+        copy_host_s=fetch_s / fetches if fetches else 0.0,
+        predict_host_s=pred_s["forecast"] / preds["forecast"] if preds["forecast"] else 0.0,
+    )
+    out = {RESIDENT: timeline.simulate_timeline(steps, "resident", per_layer, hw).ms_per_token}
+    for name in timers:
+        if name != RESIDENT:
+            out[name] = timeline.simulate_timeline(steps, name, per_layer, hw, lookahead=args.lookahead).ms_per_token
+    return out
 
 
 COLUMNS = [
@@ -296,6 +411,7 @@ COLUMNS = [
     ("ready_rate", "ready", "{:.3f}"),
     ("mib_moved_per_token", "MiB moved/tok", "{:.2f}"),
     ("h2d_gb_s", "h2d GB/s", "{:.2f}"),
+    ("h2d_latency_us", "4 KiB copy us", "{:.1f}"),
     ("transfer_ms", "transfer ms/tok", "{:.3f}"),
     ("formula_ms", "formula ms/tok", "{:.3f}"),
     ("compute_ms", "compute ms/tok", "{:.3f}"),
@@ -303,6 +419,8 @@ COLUMNS = [
     ("ratio", "measured/bound", "{:.2f}"),
     ("floor_ms", "Belady floor ms/tok", "{:.3f}"),
     ("ratio_floor", "measured/floor", "{:.2f}"),
+    ("sim_ms_per_token", "timeline ms/tok", "{:.2f}"),
+    ("sim_error", "timeline/measured - 1", "{:+.0%}"),
     ("same_tokens", "same tokens", "{}"),
 ]
 
@@ -333,6 +451,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", help="keep the random model here (built if it has no config.json; reused after)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--csv", action="store_true", help="write bench_out/offload_decode.csv")
+    p.add_argument("--trace-out", help="write the last policy's routing here (moe.offload.Trace)")
+    p.add_argument(
+        "--sim-host-share",
+        type=float,
+        default=1.0,
+        help="share of the resident time the timeline puts on the host (rest: device); batch 1 is host-bound",
+    )
     p.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     args = p.parse_args(argv)
     if args.warmup is None:  # cuDNN attention plans are per KV length: warm them all up, or the first run pays
@@ -361,10 +486,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.csv:
         os.makedirs("bench_out", exist_ok=True)
         path = os.path.join("bench_out", "offload_decode.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "tokens"], extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        fields = [k for k in rows[0] if k != "tokens"]
+        harness.write_csv(path, [{k: r[k] for k in fields} for r in rows], fieldnames=fields)
         print(f"wrote {path}")
     gc.collect()
     return rows

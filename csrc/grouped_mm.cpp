@@ -39,10 +39,11 @@ void for_column_blocks(bool on_cpu, int64_t cols, const F& body) {
 }  // namespace
 
 at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& counts) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 3, "x must be [M, K] and w [E, K, N], got ", x.sizes(), " and ",
-                    w.sizes());
-  TORCH_CHECK_VALUE(w.size(1) == x.size(1), "x has K = ", x.size(1), " columns but w has K = ", w.size(1));
-  TORCH_CHECK_VALUE(counts.numel() == w.size(0), "counts has ", counts.numel(), " experts but w has ", w.size(0));
+  TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 3, "x must be [M, K] and w [E, K, N], got ", shape_str(x.sizes()),
+                    " and ", shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(w.size(1) == x.size(1), "x has K = ", num(x.size(1)), " columns but w has K = ", num(w.size(1)));
+  TORCH_CHECK_VALUE(counts.numel() == w.size(0), "counts has ", num(counts.numel()), " experts but w has ",
+                    num(w.size(0)));
   TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), "x is ", x.scalar_type(), " but w is ", w.scalar_type());
   const auto ends = segment_ends(counts, x.size(0));
   auto y = at::empty({x.size(0), w.size(2)}, x.options());
@@ -63,7 +64,7 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
 
 at::Tensor grouped_mm_wgrad_impl(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& counts) {
   TORCH_CHECK_VALUE(x.dim() == 2 && dy.dim() == 2 && x.size(0) == dy.size(0),
-                    "x [M, K] and dy [M, N] must share M, got ", x.sizes(), " and ", dy.sizes());
+                    "x [M, K] and dy [M, N] must share M, got ", shape_str(x.sizes()), " and ", shape_str(dy.sizes()));
   TORCH_CHECK_TYPE(x.scalar_type() == dy.scalar_type(), "x is ", x.scalar_type(), " but dy is ", dy.scalar_type());
   const auto ends = segment_ends(counts, x.size(0));
   auto dw = at::empty({counts.numel(), x.size(1), dy.size(1)}, x.options());

@@ -22,12 +22,12 @@ constexpr int64_t kRowGrain = 16;
 void check_rows(const at::Tensor& token_idx, int64_t num_tokens) {
   const int64_t* idx = token_idx.data_ptr<int64_t>();
   for (int64_t j = 0; j < token_idx.numel(); ++j)
-    TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < num_tokens, "token_idx[", j, "] = ", idx[j], " is out of range for ",
-                num_tokens, " tokens");
+    TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < num_tokens, "token_idx[", num(j), "] = ", num(idx[j]),
+                      " is out of range for ", num(num_tokens), " tokens");
 }
 
 at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& token_idx) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be [T, D], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be [T, D], got shape ", shape_str(x.sizes()));
   check_index(token_idx, "token_idx");
   auto xc = x.contiguous();
   auto idx = token_idx.contiguous();
@@ -81,10 +81,11 @@ void weighted_row_sums(const scalar_t* y, const acc_t* w, const std::vector<int6
 // Shared body of scatter_rows (weights undefined) and unpermute.
 at::Tensor combine_cpu(const at::Tensor& y, const at::Tensor& token_idx, const at::Tensor& weights,
                        int64_t num_tokens) {
-  TORCH_CHECK_VALUE(y.dim() == 2, "y must be [N, D], got shape ", y.sizes());
-  TORCH_CHECK_VALUE(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
+  TORCH_CHECK_VALUE(y.dim() == 2, "y must be [N, D], got shape ", shape_str(y.sizes()));
+  TORCH_CHECK_VALUE(num_tokens >= 0, "num_tokens must be >= 0, got ", num(num_tokens));
   check_index(token_idx, "token_idx");
-  TORCH_CHECK_VALUE(token_idx.numel() == y.size(0), "token_idx has ", token_idx.numel(), " rows but y has ", y.size(0));
+  TORCH_CHECK_VALUE(token_idx.numel() == y.size(0), "token_idx has ", num(token_idx.numel()), " rows but y has ",
+                    num(y.size(0)));
   auto yc = y.contiguous();
   auto idx = token_idx.contiguous();
   check_rows(idx, num_tokens);
@@ -93,8 +94,8 @@ at::Tensor combine_cpu(const at::Tensor& y, const at::Tensor& token_idx, const a
   const auto acc_type = yc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor w;
   if (weights.defined()) {
-    TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", y.size(0),
-                "], got shape ", weights.sizes());
+    TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", num(y.size(0)),
+                      "], got shape ", shape_str(weights.sizes()));
     TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), "weights must be floating, got ",
                      weights.scalar_type());
     w = weights.to(acc_type).contiguous();
@@ -119,12 +120,13 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& token_idx, const
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y,
                                                           const at::Tensor& token_idx, const at::Tensor& weights) {
   check_index(token_idx, "token_idx");
-  TORCH_CHECK_VALUE(y.dim() == 2 && token_idx.numel() == y.size(0), "y must be [N, D] with N = token_idx.numel() = ",
-                    token_idx.numel(), ", got shape ", y.sizes());
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(1) == y.size(1), "grad_out must be [T, ", y.size(1),
-                    "], got shape ", grad_out.sizes());
-  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", y.size(0),
-                    "], got shape ", weights.sizes());
+  TORCH_CHECK_VALUE(y.dim() == 2 && token_idx.numel() == y.size(0),
+                    "y must be [N, D] with N = token_idx.numel() = ", num(token_idx.numel()), ", got shape ",
+                    shape_str(y.sizes()));
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(1) == y.size(1), "grad_out must be [T, ", num(y.size(1)),
+                    "], got shape ", shape_str(grad_out.sizes()));
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", num(y.size(0)),
+                    "], got shape ", shape_str(weights.sizes()));
   TORCH_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), "grad_out is ", grad_out.scalar_type(), " but y is ",
                    y.scalar_type());
   auto g = grad_out.contiguous();

@@ -8,7 +8,7 @@ namespace moe {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> sort_by_expert_cpu(const at::Tensor& expert_ids, int64_t num_experts) {
-  TORCH_CHECK_VALUE(num_experts > 0, "num_experts must be positive, got ", num_experts);
+  TORCH_CHECK_VALUE(num_experts > 0, "num_experts must be positive, got ", num(num_experts));
   auto ids = expert_ids.reshape({-1}).contiguous();
   check_index(ids, "expert_ids");
   const int64_t n = ids.numel();
@@ -16,8 +16,8 @@ std::tuple<at::Tensor, at::Tensor> sort_by_expert_cpu(const at::Tensor& expert_i
   // Bin E holds dropped copies, so they land after every expert's segment.
   std::vector<int64_t> next(num_experts + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(id[i] < num_experts, "expert_ids[", i, "] = ", id[i], " is out of range for ", num_experts,
-                " experts (use -1 for dropped copies)");
+    TORCH_CHECK_VALUE(id[i] < num_experts, "expert_ids[", num(i), "] = ", num(id[i]), " is out of range for ",
+                      num(num_experts), " experts (use -1 for dropped copies)");
     ++next[id[i] < 0 ? num_experts : id[i]];
   }
   auto counts = at::empty({num_experts}, ids.options());
@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> sort_by_expert_cpu(const at::Tensor& expert_i
 }
 
 at::Tensor align_block_size_cpu(const at::Tensor& counts, int64_t block_size) {
-  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", num(block_size));
   auto c = counts.contiguous();
   check_index(c, "counts");
   auto offsets = at::empty({c.numel() + 1}, c.options());

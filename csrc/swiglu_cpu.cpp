@@ -15,6 +15,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -227,8 +229,9 @@ void bwd_row(const scalar_t* grad, const scalar_t* h, scalar_t* grad_h, int64_t 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(hidden, 1)); }
 
 void check_h(const at::Tensor& h) {
-  TORCH_CHECK_VALUE(h.dim() == 2, "swiglu: h must be [N, 2H], got shape ", h.sizes());
-  TORCH_CHECK_VALUE(h.size(1) % 2 == 0, "swiglu: h must have an even number of columns ([gate | up]), got ", h.size(1));
+  TORCH_CHECK_VALUE(h.dim() == 2, "swiglu: h must be [N, 2H], got shape ", shape_str(h.sizes()));
+  TORCH_CHECK_VALUE(h.size(1) % 2 == 0, "swiglu: h must have an even number of columns ([gate | up]), got ",
+                    num(h.size(1)));
   TORCH_CHECK_TYPE(at::isFloatingType(h.scalar_type()), "swiglu: h must be a floating tensor, got ", h.scalar_type());
 }
 
@@ -252,8 +255,8 @@ at::Tensor swiglu_cpu(const at::Tensor& h) {
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h) {
   check_h(h);
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == h.size(0) && grad_out.size(1) * 2 == h.size(1),
-              "swiglu_backward: grad_out must be [N, H] = [", h.size(0), ", ", h.size(1) / 2, "], got shape ",
-              grad_out.sizes());
+                    "swiglu_backward: grad_out must be [N, H] = [", num(h.size(0)), ", ", num(h.size(1) / 2),
+                    "], got shape ", shape_str(grad_out.sizes()));
   TORCH_CHECK_TYPE(grad_out.scalar_type() == h.scalar_type(), "swiglu_backward: grad_out is ", grad_out.scalar_type(),
               " but h is ", h.scalar_type());
   auto hc = h.contiguous();

@@ -6,7 +6,8 @@
 
 Attention, embeddings and routers sit on --device; routed experts stream from the safetensors
 shards through RAM into a device cache of --expert-cache-gb. Ends with tokens/s, hit rate, bytes
-moved, misses computed on the CPU, and Belady's hit rate on the same routing trace.
+moved, misses computed on the CPU, Belady's hit rate on the same routing trace, and the measured
+ms/token beside the decode timeline's (moe.offload.timeline) for the policies on the same routing.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--expert-cache-gb", type=float, help="device GiB for experts (default: 25%% of all experts)")
     p.add_argument("--ram-cache-gb", type=float, help="RAM tier GiB (default: unlimited; 0 streams from disk)")
-    p.add_argument("--policy", default="predictive", choices=["lru", "lfu", "predictive"])
+    # LRU by default: the fastest policy measured (H200 and CPU, BENCHMARKS.md): at batch 1 the
+    # predictive policy's forecast costs the host more time than its prefetches save.
+    p.add_argument("--policy", default="lru", choices=["lru", "lfu", "predictive"])
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--lookahead", type=int, default=1)
     p.add_argument("--miss", default="auto", choices=["auto", "copy", "cpu"])
@@ -105,10 +108,11 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     ram = None if args.ram_cache_gb is None else int(args.ram_cache_gb * (1 << 30))
     start = time.perf_counter()
-    om = mo.load(
-        model_dir, args.device, budget, args.policy, scope=args.scope, lookahead=args.lookahead, miss=args.miss,
-        ram_cache_bytes=ram, dtype=dtype, progress=True, record_trace=True,  # for Belady on the same trace
+    config = mo.OffloadConfig(
+        expert_cache_bytes=budget, policy=args.policy, scope=args.scope, lookahead=args.lookahead, miss=args.miss,
+        ram_cache_bytes=ram, record_trace=True,  # for Belady on the same trace
     )  # fmt: skip
+    om = mo.load(model_dir, args.device, config=config, dtype=dtype, progress=True)
     print(f"loaded in {time.perf_counter() - start:.1f}s; expert cache {budget / 2**20:.1f} MiB", file=sys.stderr)
 
     tokenizer = _tokenizer(model_dir)
@@ -147,9 +151,45 @@ def main() -> None:
         f"misses computed on CPU {stats.cpu_misses}; requests {stats.requests}",
         file=sys.stderr,
     )
+    print_timeline(om, trace, seconds, new_tokens, max(per_layer, 1), args)
     om.close()
     if tmp is not None:
         tmp.cleanup()
+
+
+def print_timeline(
+    om: mo.OffloadedModel, trace: mo.Trace, seconds: float, tokens: int, per_layer: int, args: argparse.Namespace
+) -> None:
+    """The decode timeline (moe.offload.timeline) on this run's routing beside the measured ms/token.
+
+    Compute is taken from this run (wall time minus the runtime's own host time for copies and
+    forecasts), copies from a measured host -> device copy (none on a CPU device: the RAM tier is
+    the device copy), so the policy used is reproduced only as well as that split is right; the
+    other rows say what those policies would have done on the same routing.
+    """
+    from moe.offload import timeline
+
+    rt = om.runtime
+    host = rt.host_seconds["fetch"] + rt.host_seconds["forecast"]
+    cuda = args.device.startswith("cuda")
+    h2d = mo.measure(torch.device(args.device)).h2d_bytes_per_s if cuda else float("inf")
+    hw = timeline.measured_hardware(
+        trace,
+        resident_s_per_token=max(seconds - host, 1e-9) / max(tokens, 1),
+        h2d_bytes_per_s=h2d,
+        copy_latency_s=0.0,
+        async_copies=cuda,
+        copy_host_s=rt.host_seconds["fetch"] / max(rt.host_calls["fetch"], 1),
+        predict_host_s=rt.host_seconds["forecast"] / max(rt.host_calls["forecast"], 1),
+    )
+    names = dict.fromkeys((args.policy, "lru", "predictive", "oracle"))
+    sim = {p: timeline.simulate_timeline(trace, p, per_layer, hw, scope=args.scope).ms_per_token for p in names}
+    print(
+        f"measured {1e3 * seconds / tokens:.2f} ms/token; timeline on this routing: "
+        + ", ".join(f"{p}{' (used)' if p == args.policy else ''} {ms:.2f}" for p, ms in sim.items())
+        + " ms/token",
+        file=sys.stderr,
+    )
 
 
 def _expert_sizes(model_dir: str) -> tuple[int, int, int]:

@@ -4,7 +4,15 @@
 """
 
 from moe import _source_tree
-from moe.config import AuxFreeConfig, ExpertChoiceConfig, MoEConfig, RecurrentConfig, TopKConfig
+from moe.config import (
+    AuxFreeConfig,
+    ExpertChoiceConfig,
+    MoEConfig,
+    ParallelConfig,
+    PlannerConfig,
+    RecurrentConfig,
+    TopKConfig,
+)
 from moe.cpu_memory import keep_freed_memory
 from moe.layer import MoE, MoEStats
 from moe.model_utils import aux_loss, update_routers
@@ -22,6 +30,8 @@ __all__ = [
     "AuxFreeConfig",
     "RecurrentConfig",
     "ExpertChoiceConfig",
+    "ParallelConfig",
+    "PlannerConfig",
     "Router",
     "Routing",
     "aux_loss",

@@ -7,8 +7,15 @@ Shape legend used across the package:
 
 from __future__ import annotations
 
+import functools
+import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from moe.parallel.planner import Plan
 
 Activation = Literal["swiglu", "gelu"]
 Backend = Literal["auto", "reference", "cpp", "triton", "torch"]
@@ -34,6 +41,54 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 def _check_non_negative(name: str, value: float) -> None:
     if not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def _check_finite_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+_C = TypeVar("_C", bound=type)
+
+
+def positional_deprecated(cls: _C) -> _C:
+    """Lets a kw_only config dataclass still take its fields positionally, with a DeprecationWarning
+    (these configs took positional arguments before they became keyword-only)."""
+    init: Callable[..., None] = cls.__init__  # type: ignore[misc]
+    names = [f.name for f in fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if args:
+            if len(args) > len(names):
+                raise TypeError(f"{cls.__name__} takes at most {len(names)} fields, got {len(args)} positional")
+            given = names[: len(args)]
+            warnings.warn(
+                f"positional arguments to {cls.__name__} are deprecated; pass them as keywords "
+                f"({', '.join(f'{n}=...' for n in given)})",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            for name, value in zip(given, args, strict=True):
+                if name in kwargs:
+                    raise TypeError(f"{cls.__name__} got multiple values for field {name!r}")
+                kwargs[name] = value
+        init(self, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +194,91 @@ class ExpertChoiceConfig:
             raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
 
 
+@positional_deprecated
+@dataclass(frozen=True, kw_only=True)
+class PlannerConfig:
+    """Knobs of the adaptive expert-parallel planner (see moe.parallel.planner).
+
+    Attributes:
+        chunk_options: candidate pipeline degrees d (each >= 1).
+        warmup: untimed runs of each candidate before it is measured.
+        samples: timed runs of each candidate per exploration.
+        check_every: steps between re-measurements of the picked plan.
+        recheck_every: steps between full re-explorations.
+        shift_threshold: relative change of the token distribution that triggers a re-exploration.
+        max_samples: timing samples kept per candidate.
+        runoff_margin: candidates within this relative margin of the best are measured again
+            before the pick (0 = no run-off).
+    """
+
+    chunk_options: tuple[int, ...] = (1, 2, 4)
+    warmup: int = 1
+    samples: int = 3
+    check_every: int = 10
+    recheck_every: int = 500
+    shift_threshold: float = 0.5
+    max_samples: int = 16
+    runoff_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        options = self.chunk_options
+        if isinstance(options, list):  # a list reads naturally; keep the config hashable
+            object.__setattr__(self, "chunk_options", options := tuple(options))
+        if (
+            not isinstance(options, tuple)
+            or not options
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in options)
+        ):
+            raise ValueError(
+                f"chunk_options must be a non-empty tuple of positive pipeline degrees, e.g. (1, 2, 4); got {options!r}"
+            )
+        check_int("warmup", self.warmup, 0)
+        check_int("samples", self.samples, 1)
+        check_int("check_every", self.check_every, 1)
+        check_int("recheck_every", self.recheck_every, 1)
+        check_int("max_samples", self.max_samples, 1)
+        _check_non_negative("shift_threshold", self.shift_threshold)
+        if not self.runoff_margin >= 0:
+            raise ValueError(f"runoff_margin must be >= 0 (0 = no run-off), got {self.runoff_margin}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How an MoE layer runs expert-parallel (`MoE.from_config(cfg, process_group=group)`).
+
+    The process group itself is not part of the config (it is a live object, not a setting):
+    it is given when the layer is built.
+
+    Attributes:
+        plan: None (the adaptive planner picks mode and pipeline degree per call) or a pinned
+            plan: a moe.parallel.Plan or a string such as "ep", "dp", "ep+shard2/d=4".
+        planner: the adaptive planner's knobs (None = PlannerConfig() defaults).
+        local_size: ranks per node for the hierarchical all-to-all (None = flat).
+    """
+
+    plan: str | Plan | None = None
+    planner: PlannerConfig | None = None
+    local_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.plan is not None:
+            from moe.parallel.planner import Plan  # torch.distributed only when a plan is given
+
+            if isinstance(self.plan, str):
+                try:
+                    Plan.parse(self.plan)
+                except ValueError as err:
+                    raise ValueError(f"plan: {err}") from None
+            elif not isinstance(self.plan, Plan):
+                raise TypeError(
+                    f"plan must be None, a moe.parallel.Plan or a string like 'ep/d=2', got {type(self.plan).__name__}"
+                )
+        if self.planner is not None and not isinstance(self.planner, PlannerConfig):
+            raise TypeError(f"planner must be a PlannerConfig, got {type(self.planner).__name__}")
+        if self.local_size is not None:
+            _check_positive_int("local_size", self.local_size)
+
+
 RouterConfig = TopKConfig | AuxFreeConfig | RecurrentConfig | ExpertChoiceConfig
 
 ROUTER_CONFIGS: dict[str, type] = {
@@ -180,6 +320,8 @@ class MoEConfig:
         capacity_factor: None or 0 = dropless; > 0: each expert keeps at most
             ceil(capacity_factor * T * K / E) token copies (see MoE for the drop priority).
         backend: op backend ("auto" picks the fastest correct one per device).
+        parallel: None (single process) or how to run expert-parallel; the layer is then built
+            with `MoE.from_config(cfg, process_group=group)`.
     """
 
     dim: int
@@ -194,6 +336,7 @@ class MoEConfig:
     shared_expert_gate: bool = False
     capacity_factor: float | None = None
     backend: Backend = "auto"
+    parallel: ParallelConfig | None = None
 
     def __post_init__(self) -> None:
         _check_positive_int("dim", self.dim)
@@ -212,6 +355,8 @@ class MoEConfig:
             )
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("backend", self.backend, BACKENDS)
+        if self.parallel is not None and not isinstance(self.parallel, ParallelConfig):
+            raise TypeError(f"parallel must be None or a ParallelConfig, got {type(self.parallel).__name__}")
         if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int):
             raise TypeError(f"num_shared_experts must be an int, got {self.num_shared_experts!r}")
         if self.num_shared_experts < 0:

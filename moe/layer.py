@@ -6,13 +6,14 @@ Shape legend: T tokens (all leading dims flattened), D dim, E experts, K top-k, 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from moe.config import MoEConfig, RouterConfig, router_config
+from moe.config import MoEConfig, ParallelConfig, RouterConfig, router_config
 from moe.dispatch import LocalDispatcher
 from moe.experts import MLP, Experts
 from moe.reference import count_tokens
@@ -61,9 +62,10 @@ class MoE(nn.Module):
         router_config: the router's config dataclass (alternative to **router_options).
         process_group: None (single process) or a torch.distributed group: experts are stored
             sharded by global id over its ranks and run expert-parallel (moe.parallel).
-        parallel_plan: None (the adaptive planner picks mode and pipeline degree per call) or a
-            pinned moe.parallel.Plan / string such as "ep", "dp", "ep+shard2/d=4".
-        planner_config: moe.parallel.PlannerConfig for the adaptive planner.
+        parallel: moe.ParallelConfig (pinned plan, planner knobs, hierarchical all-to-all) for
+            the expert-parallel layer; None = ParallelConfig() when process_group is given.
+        parallel_plan, planner_config: deprecated, use parallel=ParallelConfig(plan=...,
+            planner=...).
         **router_options: fields of the router's config, e.g. aux_loss_coef=1e-2, n_group=4.
 
     After each forward: `layer.aux_losses` (weighted, summed by moe.aux_loss(model)) and
@@ -87,11 +89,13 @@ class MoE(nn.Module):
         backend: str = "auto",
         router_config: RouterConfig | None = None,
         process_group: Any = None,
+        parallel: ParallelConfig | None = None,
         parallel_plan: Any = None,
         planner_config: Any = None,
         **router_options: Any,
     ) -> None:
         super().__init__()
+        parallel = _parallel_config(process_group, parallel, parallel_plan, planner_config)
         custom_router = router if isinstance(router, nn.Module) else None
         if custom_router is not None and not isinstance(custom_router, Router):
             raise TypeError(f"router module must subclass moe.routing.Router, got {type(router).__name__}")
@@ -113,6 +117,7 @@ class MoE(nn.Module):
             shared_expert_gate=shared_expert_gate,
             capacity_factor=capacity_factor,
             backend=backend,  # type: ignore[arg-type]
+            parallel=parallel,
         )
         cfg = self.config
         self._custom_router = custom_router is not None
@@ -124,7 +129,7 @@ class MoE(nn.Module):
             assert cfg.router_config is not None
             self.router = build_router(dim, num_experts, top_k, cfg.router_config)
         # Expert parallel (moe.parallel): this rank stores only its shard of the experts.
-        self.parallel = _expert_parallel(self.config, process_group, parallel_plan, planner_config)
+        self.parallel = _expert_parallel(self.config, process_group)
         self.experts: Experts = (
             Experts(num_experts, dim, hidden_dim, activation, backend)
             if self.parallel is None
@@ -138,7 +143,13 @@ class MoE(nn.Module):
         self._dropped: torch.Tensor | None = None
 
     @classmethod
-    def from_config(cls, config: MoEConfig) -> MoE:
+    def from_config(cls, config: MoEConfig, *, process_group: Any = None) -> MoE:
+        """Builds the layer `config` describes; `layer.config == config`.
+
+        process_group: the torch.distributed group of an expert-parallel layer (config.parallel
+        describes how it runs; None there = ParallelConfig() defaults). A config with `parallel`
+        set needs a process_group: the group is a live object, so it is given here, not in the config.
+        """
         return cls(
             config.dim,
             config.hidden_dim,
@@ -152,6 +163,8 @@ class MoE(nn.Module):
             activation=config.activation,
             backend=config.backend,
             router_config=config.router_config,
+            process_group=process_group,
+            parallel=config.parallel,
         )
 
     @property
@@ -273,12 +286,38 @@ class MoE(nn.Module):
         )
 
 
-def _expert_parallel(config: MoEConfig, group: Any, plan: Any, planner_config: Any) -> Any:
+def _parallel_config(group: Any, parallel: ParallelConfig | None, plan: Any, planner: Any) -> ParallelConfig | None:
+    """The layer's ParallelConfig from the new keyword or the deprecated parallel_plan / planner_config."""
+    if plan is not None or planner is not None:
+        warnings.warn(
+            "MoE(parallel_plan=..., planner_config=...) is deprecated; pass "
+            "parallel=moe.ParallelConfig(plan=..., planner=...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if parallel is not None:
+            raise TypeError("pass either parallel=ParallelConfig(...) or parallel_plan/planner_config, not both")
+        parallel = ParallelConfig(plan=plan, planner=planner)
+    if parallel is not None and not isinstance(parallel, ParallelConfig):
+        raise TypeError(f"parallel must be None or a moe.ParallelConfig, got {type(parallel).__name__}")
+    if group is None:
+        if parallel is not None:
+            raise ValueError(
+                "parallel (or parallel_plan / planner_config) describes an expert-parallel layer but no "
+                "process_group was given; pass process_group=group (MoE.from_config(cfg, process_group=group))"
+            )
+        return None
+    return parallel if parallel is not None else ParallelConfig()
+
+
+def _expert_parallel(config: MoEConfig, group: Any) -> Any:
     if group is None:
         return None
     from moe.parallel import ExpertParallel  # torch.distributed only when asked for
 
-    return ExpertParallel(config, group, plan, planner_config)
+    p = config.parallel
+    assert p is not None
+    return ExpertParallel(config, group, p.plan, p.planner, p.local_size)
 
 
 def _router_config(name: str, options: dict[str, Any]) -> RouterConfig:

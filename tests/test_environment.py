@@ -28,7 +28,7 @@ SCRIPTS = sorted(
     for p in (ROOT / folder).glob("*.py")
     if "__main__" in p.read_text()
 )
-LIBRARY_MODULES = {"examples/tiny_lm.py"}  # imported by the scripts; not scripts themselves
+LIBRARY_MODULES = {"examples/tiny_lm.py", "benchmarks/bench_harness.py"}  # imported by scripts; not scripts
 
 
 def run_python(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:

@@ -33,8 +33,11 @@ def test_small_cpu_table(bench, capsys: pytest.CaptureFixture[str]) -> None:
     assert [r["policy"] for r in rows] == ["resident", "lru", "lfu", "predictive"]
     for row in rows:
         for key, _, _ in bench.COLUMNS:
-            if isinstance(row[key], float):
+            if isinstance(row[key], float) and key != "sim_error":
                 assert math.isfinite(row[key]) and row[key] >= 0.0, (row["policy"], key, row[key])
+        # The timeline is calibrated on the resident run, so it reproduces that one; the others are
+        # predictions (their accuracy is a benchmark result, BENCHMARKS.md, not a test).
+        assert math.isfinite(row["sim_error"]) and row["sim_ms_per_token"] > 0.0
         assert row["same_tokens"] is True, row["policy"]
         assert row["tokens"] == rows[0]["tokens"] and len(row["tokens"]) == 7
         assert row["bound_ms"] >= row["compute_ms"] > 0.0 and row["ratio"] > 0.0
@@ -43,6 +46,7 @@ def test_small_cpu_table(bench, capsys: pytest.CaptureFixture[str]) -> None:
         assert row["transfer_ms"] == pytest.approx(row["formula_ms"])  # batch 1, every miss copied
         assert f"| {row['policy']} | " in out
     resident = rows[0]
+    assert resident["sim_error"] == pytest.approx(0.0, abs=1e-9)
     assert resident["hit_rate"] == 1.0 and resident["mib_moved_per_token"] == 0.0
     assert all(r["hit_rate"] < 1.0 and r["mib_moved_per_token"] > 0.0 for r in rows[1:])  # 2 of 8 experts per layer
     assert "measured/bound" in out and "target <= 1.3" in out

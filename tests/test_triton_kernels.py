@@ -301,6 +301,7 @@ def test_layer_triton_matches_reference(activation: str, top_k: int, capacity_fa
 # ---------------------------------------------------------------- CUDA (compiled kernels; skipped without a GPU)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -311,6 +312,7 @@ def test_cuda_matches_reference(mode: str, dtype: torch.dtype, monkeypatch: pyte
     check_fwd_bwd(*make_inputs([300, 0, 517, 1, 64], 900, 700, 136, 200, mode, dtype, cuda), dtype)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_layer_auto_is_fused_and_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_TRITON_AUTOTUNE", "0")

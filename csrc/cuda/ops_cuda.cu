@@ -44,13 +44,14 @@ void check_on(const at::Tensor& t, const at::Tensor& first, const char* name) {
 
 void check_float(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
-              " must be float32, float64, float16 or bfloat16, got ", s);
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
+                   " must be float32, float64, float16 or bfloat16, got ", s);
 }
 
 std::tuple<at::Tensor, at::Tensor> sort_by_expert_cuda(const at::Tensor& expert_ids, int64_t num_experts) {
-  TORCH_CHECK(num_experts > 0, "num_experts must be positive, got ", num_experts);
-  TORCH_CHECK(num_experts < std::numeric_limits<int32_t>::max(), "num_experts must be < 2^31 - 1, got ", num_experts);
+  TORCH_CHECK_VALUE(num_experts > 0, "num_experts must be positive, got ", num(num_experts));
+  TORCH_CHECK_VALUE(num_experts < std::numeric_limits<int32_t>::max(), "num_experts must be < 2^31 - 1, got ",
+                    num(num_experts));
   auto ids = expert_ids.reshape({-1}).contiguous();
   check_index(ids, "expert_ids");
   check_on(ids, ids, "expert_ids");
@@ -66,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> sort_by_expert_cuda(const at::Tensor& expert_
 }
 
 at::Tensor align_block_size_cuda(const at::Tensor& counts, int64_t block_size) {
-  TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", num(block_size));
   auto c = counts.contiguous();
   check_index(c, "counts");
   check_on(c, c, "counts");
@@ -78,12 +79,12 @@ at::Tensor align_block_size_cuda(const at::Tensor& counts, int64_t block_size) {
 }
 
 at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& token_idx) {
-  TORCH_CHECK(x.dim() == 2, "x must be [T, D], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be [T, D], got shape ", shape_str(x.sizes()));
   check_index(token_idx, "token_idx");
   check_on(x, x, "x");
   check_on(token_idx, x, "token_idx");
-  TORCH_CHECK(x.size(0) > 0 || token_idx.numel() == 0, "token_idx has ", token_idx.numel(),
-              " rows but x has no tokens to gather");
+  TORCH_CHECK_VALUE(x.size(0) > 0 || token_idx.numel() == 0, "token_idx has ", num(token_idx.numel()),
+                    " rows but x has no tokens to gather");
   const c10::cuda::CUDAGuard guard(x.device());
   auto xc = x.contiguous();
   auto idx = token_idx.contiguous();
@@ -97,21 +98,23 @@ at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& token_idx) {
 // stable sort of token_idx (CSR), then one fixed-order fp32 (fp64) sum per output element.
 at::Tensor combine_cuda(const at::Tensor& y, const at::Tensor& token_idx, const at::Tensor& weights,
                         int64_t num_tokens) {
-  TORCH_CHECK(y.dim() == 2, "y must be [N, D], got shape ", y.sizes());
-  TORCH_CHECK(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
-  TORCH_CHECK(num_tokens < std::numeric_limits<int32_t>::max(), "num_tokens must be < 2^31 - 1, got ", num_tokens);
+  TORCH_CHECK_VALUE(y.dim() == 2, "y must be [N, D], got shape ", shape_str(y.sizes()));
+  TORCH_CHECK_VALUE(num_tokens >= 0, "num_tokens must be >= 0, got ", num(num_tokens));
+  TORCH_CHECK_VALUE(num_tokens < std::numeric_limits<int32_t>::max(), "num_tokens must be < 2^31 - 1, got ",
+                    num(num_tokens));
   check_index(token_idx, "token_idx");
-  TORCH_CHECK(token_idx.numel() == y.size(0), "token_idx has ", token_idx.numel(), " rows but y has ", y.size(0));
+  TORCH_CHECK_VALUE(token_idx.numel() == y.size(0), "token_idx has ", num(token_idx.numel()), " rows but y has ",
+                    num(y.size(0)));
   check_float(y, "y");
   check_on(y, y, "y");
   check_on(token_idx, y, "token_idx");
-  TORCH_CHECK(num_tokens > 0 || y.size(0) == 0, "y has ", y.size(0), " rows but num_tokens is 0");
+  TORCH_CHECK_VALUE(num_tokens > 0 || y.size(0) == 0, "y has ", num(y.size(0)), " rows but num_tokens is 0");
   const c10::cuda::CUDAGuard guard(y.device());
   const auto acc_type = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor w;
   if (weights.defined()) {
-    TORCH_CHECK(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", y.size(0),
-                "], got shape ", weights.sizes());
+    TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", num(y.size(0)),
+                      "], got shape ", shape_str(weights.sizes()));
     check_on(weights, y, "weights");
     w = weights.to(acc_type).contiguous();
   }
@@ -151,20 +154,23 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& token_idx, cons
 
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& grad_out, const at::Tensor& y,
                                                            const at::Tensor& token_idx, const at::Tensor& weights) {
-  TORCH_CHECK(grad_out.dim() == 2 && y.dim() == 2 && grad_out.size(1) == y.size(1),
-              "grad_out must be [T, D] and y [N, D] with the same D, got ", grad_out.sizes(), " and ", y.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == y.scalar_type(), "grad_out is ", grad_out.scalar_type(), " but y is ",
-              y.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && y.dim() == 2 && grad_out.size(1) == y.size(1),
+                    "grad_out must be [T, D] and y [N, D] with the same D, got ", shape_str(grad_out.sizes()), " and ",
+                    shape_str(y.sizes()));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), "grad_out is ", grad_out.scalar_type(), " but y is ",
+                   y.scalar_type());
   check_float(y, "y");
   check_index(token_idx, "token_idx");
-  TORCH_CHECK(token_idx.numel() == y.size(0), "token_idx has ", token_idx.numel(), " rows but y has ", y.size(0));
-  TORCH_CHECK(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", y.size(0),
-              "], got shape ", weights.sizes());
+  TORCH_CHECK_VALUE(token_idx.numel() == y.size(0), "token_idx has ", num(token_idx.numel()), " rows but y has ",
+                    num(y.size(0)));
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == y.size(0), "weights must be [N] = [", num(y.size(0)),
+                    "], got shape ", shape_str(weights.sizes()));
   check_on(y, y, "y");
   check_on(grad_out, y, "grad_out");
   check_on(token_idx, y, "token_idx");
   check_on(weights, y, "weights");
-  TORCH_CHECK(grad_out.size(0) > 0 || y.size(0) == 0, "y has ", y.size(0), " rows but grad_out has no tokens");
+  TORCH_CHECK_VALUE(grad_out.size(0) > 0 || y.size(0) == 0, "y has ", num(y.size(0)),
+                    " rows but grad_out has no tokens");
   const c10::cuda::CUDAGuard guard(y.device());
   auto g = grad_out.contiguous();
   auto yc = y.contiguous();

@@ -29,6 +29,7 @@ DeepSpeed is optional: `import moe` never imports it; this module needs it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import warnings
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe.config import ParallelConfig
 from moe.layer import MoE
 from moe.parallel.comm import collective_device
 
@@ -239,6 +241,7 @@ def _shard(layer: MoE, group: Any, plan: Any, planner_config: Any, sync_weights:
     parallel.experts.w_in.requires_grad_(full.w_in.requires_grad)
     parallel.experts.w_out.requires_grad_(full.w_out.requires_grad)
     layer.parallel = parallel
+    layer.config = dataclasses.replace(layer.config, parallel=ParallelConfig(plan=plan, planner=planner_config))
     layer.experts = parallel.experts  # type: ignore[assignment]
     layer.dispatcher = parallel.dispatcher
 

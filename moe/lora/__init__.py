@@ -1,7 +1,7 @@
 """LoRA-MoE fine-tuning: MoLA layer-wise allocation, DynMoLE routing, MoS shards, save/load.
 
-moe.lora.apply_lora_moe(model, ["q_proj", "v_proj"], "2-4-6-8", rank=8, alpha=16,
-                        router="topk" | "dynmole" | "mos", top_k=2)
+moe.lora.apply_lora_moe(model, ["q_proj", "v_proj"], config=moe.lora.LoRAMoEConfig(
+    experts_per_layer="2-4-6-8", rank=8, alpha=16, router="topk" | "dynmole" | "mos", top_k=2))
 loss = lm_loss + moe.aux_loss(model)
 moe.lora.save_lora_moe(model, "adapter.safetensors")
 moe.lora.load_lora_moe(fresh_base_model, "adapter.safetensors")
@@ -10,6 +10,7 @@ moe.lora.load_lora_moe(fresh_base_model, "adapter.safetensors")
 from moe.lora.allocation import experts_per_layer, find_targets, layer_index
 from moe.lora.apply import adapter_modules, apply_lora_moe
 from moe.lora.checkpoint import adapter_state_dict, load_lora_moe, read_metadata, save_lora_moe
+from moe.lora.config import LoRAMoEConfig
 from moe.lora.dynmole import (
     DynMoLERouter,
     dynmole_select,
@@ -28,6 +29,7 @@ def trainable_parameters(model) -> int:  # type: ignore[no-untyped-def]
 
 __all__ = [
     "apply_lora_moe",
+    "LoRAMoEConfig",
     "save_lora_moe",
     "load_lora_moe",
     "read_metadata",

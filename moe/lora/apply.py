@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from torch import nn
 
 from moe.lora.allocation import Allocation, count_layers, find_targets, layer_index
 from moe.lora.allocation import experts_per_layer as parse_allocation
+from moe.lora.config import LoRAMoEConfig
 from moe.lora.linear import LoRAMoELinear
 from moe.lora.mos import MoSLinear, MoSPool
 
@@ -96,6 +98,7 @@ def apply_lora_moe(
     router: str = "topk",
     top_k: int = 2,
     *,
+    config: LoRAMoEConfig | None = None,
     balance_coef: float | None = None,
     entropy_coef: float = 0.01,
     num_layers: int | None = None,
@@ -109,52 +112,63 @@ def apply_lora_moe(
 ) -> nn.Module:
     """Wraps each targeted nn.Linear with a mixture of LoRA experts and its own router.
 
+        apply_lora_moe(model, ["q_proj", "v_proj"], config=LoRAMoEConfig(experts_per_layer="2-4-6-8", rank=8))
+
     Args:
         model: any nn.Module (a Hugging Face model or plain PyTorch); modified in place.
         target_modules: module-name suffixes, e.g. ["q_proj", "v_proj"] or "gate_proj".
-        experts_per_layer: MoLA allocation: an int, a string like "2-4-6-8" (contiguous layer
-            groups, the first gets 2 experts per adapted linear, the last 8), or a per-layer
-            list. Layers are identified by the first integer in the module path
-            ("model.layers.3.self_attn.q_proj" -> 3). Ignored by router="mos".
-        rank, alpha: LoRA rank and alpha (scaling alpha / rank) of every expert.
-        router: "topk" (MoLA: softmax, top-k renormalised), "dynmole" (Tsallis hybrid) or
-            "mos" (Mixture of Shards: one sharded LoRA per layer, pools shared across layers).
-        top_k: experts per token for "topk".
-        balance_coef: balance-loss weight (topk: default 0 = off, MoLA uses 1e-3 when on;
-            dynmole: default 1e-3). entropy_coef: DynMoLE's Tsallis loss weight (0.01).
-        num_layers: number of transformer layers (default: model.config.num_hidden_layers,
-            else 1 + the largest layer index among the targets).
-        compute: "auto" | "dense" | "grouped" batched expert computation (see moe.lora.linear).
-        backend: op backend of the grouped path.
-        freeze_base: set requires_grad False on every parameter already in the model.
-        mos_shards_per_vector: shards per rank vector (divides in and out features).
-        mos_private_shards: private shards per layer and side.
-        mos_compression: target ratio of LoRA parameters (at this rank) to MoS parameters.
-        seed: seeds MoS's shard selection.
+            Layers are identified by the first integer in the module path
+            ("model.layers.3.self_attn.q_proj" -> 3).
+        config: the adapter options (moe.lora.LoRAMoEConfig, every field documented there).
+        experts_per_layer, rank, alpha, router, top_k, balance_coef, entropy_coef, num_layers,
+            compute, backend, freeze_base, mos_shards_per_vector, mos_private_shards,
+            mos_compression, seed: the same options as keywords (the fields of LoRAMoEConfig);
+            give either these or config, not both.
 
     Returns:
         The same model. Adapter aux losses land in each adapter's `aux_losses` (moe.aux_loss).
 
     Raises:
         ValueError: no matching module, a bad allocation, or an unknown router.
-        TypeError: a matching module is not an nn.Linear.
+        TypeError: a matching module is not an nn.Linear, or both config and option keywords.
     """
-    if router not in ("topk", "dynmole", "mos"):
-        raise ValueError(f"router must be 'topk', 'dynmole' or 'mos', got {router!r}")
-    _check_arguments(
-        rank=rank, top_k=top_k, num_layers=num_layers, mos_shards_per_vector=mos_shards_per_vector,
-        mos_private_shards=mos_private_shards, alpha=alpha, mos_compression=mos_compression,
-        experts_per_layer=experts_per_layer,
-    )  # fmt: skip
-    if compute not in ("auto", "dense", "grouped"):
-        raise ValueError(f"compute must be 'auto', 'dense' or 'grouped', got {compute!r}")
+    options = LoRAMoEConfig(
+        experts_per_layer=experts_per_layer,  # type: ignore[arg-type]
+        rank=rank,
+        alpha=alpha,
+        router=router,  # type: ignore[arg-type]
+        top_k=top_k,
+        balance_coef=balance_coef,
+        entropy_coef=entropy_coef,
+        num_layers=num_layers,
+        compute=compute,  # type: ignore[arg-type]
+        backend=backend,  # type: ignore[arg-type]
+        freeze_base=freeze_base,
+        mos_shards_per_vector=mos_shards_per_vector,
+        mos_private_shards=mos_private_shards,
+        mos_compression=mos_compression,
+        seed=seed,
+    )
+    if config is None:
+        config = options
+    elif not isinstance(config, LoRAMoEConfig):
+        raise TypeError(f"config must be a moe.lora.LoRAMoEConfig, got {type(config).__name__}")
+    elif options != LoRAMoEConfig():
+        changed = [f.name for f in dataclasses.fields(options) if getattr(options, f.name) != f.default]
+        raise TypeError(
+            f"pass the adapter options either as config=LoRAMoEConfig(...) or as keywords {changed}, not both"
+        )
+    return _apply(model, target_modules, config)
+
+
+def _apply(model: nn.Module, target_modules: str | Sequence[str], c: LoRAMoEConfig) -> nn.Module:
     already = list(adapter_modules(model))
     if already:
         raise ValueError(f"the model already has LoRA-MoE adapters ({already[:3]}); apply once, to a fresh model")
     targets = find_targets(model, target_modules)
     paths = [p for p, _ in targets]
-    layers = count_layers(model, paths, num_layers)
-    counts = parse_allocation(experts_per_layer, layers)
+    layers = count_layers(model, paths, c.num_layers)
+    counts = parse_allocation(c.experts_per_layer, layers)
     specs = []  # every target checked before the model is touched: an error leaves it as it was
     for path, base in targets:
         layer = layer_index(path)
@@ -163,54 +177,29 @@ def apply_lora_moe(
         if layer is not None and layer >= layers:
             raise ValueError(f"'{path}' is in layer {layer} but the allocation covers {layers} layers; set num_layers")
         spec: dict[str, Any] = dict(
-            in_features=base.in_features, out_features=base.out_features, rank=rank, alpha=alpha
+            in_features=base.in_features, out_features=base.out_features, rank=c.rank, alpha=c.alpha
         )
-        if router == "mos":
-            spec.update(kind="mos", pool=path.rsplit(".", 1)[-1], private_shards=mos_private_shards)
+        if c.router == "mos":
+            spec.update(kind="mos", pool=path.rsplit(".", 1)[-1], private_shards=c.mos_private_shards)
         else:
             num_experts = counts[layer if layer is not None else 0]
             spec.update(
                 kind="lora_moe",
                 num_experts=num_experts,
-                router=router,
-                top_k=min(top_k, num_experts),
-                balance_coef=balance_coef,
-                entropy_coef=entropy_coef,
+                router=c.router,
+                top_k=min(c.top_k, num_experts),
+                balance_coef=c.balance_coef,
+                entropy_coef=c.entropy_coef,
             )
         specs.append((path, spec))
-    if freeze_base:
+    if c.freeze_base:
         model.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    options = dict(compute=compute, backend=backend)
-    if router == "mos":
-        _make_pools(model, targets, rank, mos_shards_per_vector, mos_private_shards, mos_compression)
+    generator = torch.Generator().manual_seed(c.seed)
+    if c.router == "mos":
+        _make_pools(model, targets, c.rank, c.mos_shards_per_vector, c.mos_private_shards, c.mos_compression)
     for path, spec in specs:
-        wrap_from_spec(model, path, spec, generator, **options)
+        wrap_from_spec(model, path, spec, generator, compute=c.compute, backend=c.backend)
     return model
-
-
-def _check_arguments(**values: Any) -> None:
-    """TypeError/ValueError naming the argument, before anything deeper divides by it."""
-    for name, low in (("rank", 1), ("top_k", 1), ("num_layers", 1), ("mos_shards_per_vector", 1)):
-        v = values[name]
-        if name == "num_layers" and v is None:
-            continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    private = values["mos_private_shards"]
-    if not isinstance(private, int) or isinstance(private, bool) or private < 0:
-        raise ValueError(f"mos_private_shards must be an int >= 0, got {private!r}")
-    for name in ("alpha", "mos_compression"):
-        v = values[name]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    allocation = values["experts_per_layer"]
-    if not isinstance(allocation, (int, str)) and not (
-        isinstance(allocation, Sequence) and all(isinstance(c, int) for c in allocation)
-    ):
-        raise TypeError(
-            f"experts_per_layer must be an int, a string like '2-4-6-8' or a list of ints, got {allocation!r}"
-        )
 
 
 def _make_pools(

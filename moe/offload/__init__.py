@@ -1,6 +1,7 @@
 """Offloaded MoE inference: tiered expert store, cache policies, predictive prefetch, traces.
 
-    om = moe.offload.load("model_dir", "cuda", expert_cache_bytes=4 << 30, policy="predictive")
+    cfg = moe.offload.OffloadConfig(expert_cache_bytes=4 << 30, policy="predictive")
+    om = moe.offload.load("model_dir", "cuda", config=cfg)
     om.model.generate(...); print(om.runtime.stats.hit_rate)
 
 Importing this package loads no model and probes no device; transformers is imported by load() only.

@@ -37,6 +37,11 @@ class CacheEngine:
         fetch: starts copying key to the device (runtime) or nothing (simulator); told whether
             the copy is a prefetch, so demand copies need not queue behind prefetches.
         max_prefetch: at most this many prefetches per predicted layer and step.
+        prefetch_budget: how many prefetch copies the link can take now without delaying the
+            copies of experts known to be needed (the copies that fit in the link's idle time
+            before the next layer's demand); None: no limit.
+        admit_cpu_misses: asked after each miss computed on the CPU whether to also copy that
+            expert in, as a prefetch, now (e.g. while the link is idle); None: never.
     """
 
     def __init__(
@@ -45,9 +50,13 @@ class CacheEngine:
         expert_bytes: Callable[[int], int],
         fetch: Fetch = _noop,
         max_prefetch: int | None = None,
+        prefetch_budget: Callable[[], int] | None = None,
+        admit_cpu_misses: Callable[[], bool] | None = None,
     ) -> None:
         self.residency, self.expert_bytes, self.fetch = residency, expert_bytes, fetch
         self.max_prefetch = max_prefetch
+        self.prefetch_budget = prefetch_budget  # None: no limit from the link
+        self.admit_cpu_misses = admit_cpu_misses
         self.threshold: dict[int, float] = {}  # layer -> min confidence to prefetch (adapts to precision)
         self.pending: dict[int, set[int]] = {}  # layer -> experts prefetched for its next step
 
@@ -79,8 +88,11 @@ class CacheEngine:
         self._correct(layer, set(needed))
         res.pinned.update(keys)
         if lookahead and isinstance(policy, Predictive):
+            budget = None if self.prefetch_budget is None else self.prefetch_budget()
             for target, votes_E in lookahead:
-                self._prefetch(target, votes_E)
+                if budget is not None and budget <= 0:
+                    break
+                budget = self._prefetch(target, votes_E, budget)
         hits = [k for k in keys if k in res]
         misses = [k for k in keys if k not in res]
         try:
@@ -95,6 +107,7 @@ class CacheEngine:
                 if on_cpu is not None and on_cpu(key):
                     stats.cpu_misses += 1
                     yield key[1], "cpu"
+                    self._admit_in_background(key)
                 else:
                     nbytes = self.expert_bytes(layer)
                     res.pinned.discard(key)
@@ -109,6 +122,23 @@ class CacheEngine:
                 res.pinned.discard(key)
         finally:
             res.pinned.difference_update(keys)
+
+    def _admit_in_background(self, key: Key) -> None:
+        """After a miss computed on the CPU, copy the expert in as a prefetch when admit_cpu_misses
+        says so and the policy values it above an eviction victim: a CPU miss that never enters
+        the cache would be paid again at every later use."""
+        if self.admit_cpu_misses is None or not self.admit_cpu_misses():
+            return
+        res, nbytes = self.residency, self.expert_bytes(key[0])
+        if key in res or nbytes > res.pool_budget:
+            return
+        rank = res.policy.rank(key)
+        if not res.make_room(key, nbytes, floor=rank):
+            return
+        res.insert(key, nbytes, prefetched=True)
+        res.stats.prefetches += 1
+        res.stats.bytes_moved += nbytes
+        self._fetch(key, True)
 
     def _fetch(self, key: Key, prefetch: bool) -> None:
         try:
@@ -135,7 +165,8 @@ class CacheEngine:
         thr = self.threshold.get(layer, 0.0)
         self.threshold[layer] = thr * 1.2 + 0.005 if precision < 0.5 else thr * 0.9
 
-    def _prefetch(self, layer: int, votes_E: torch.Tensor) -> None:
+    def _prefetch(self, layer: int, votes_E: torch.Tensor, budget: int | None = None) -> int | None:
+        """Prefetches layer's most confident experts; returns what is left of `budget`."""
         res, policy = self.residency, self.residency.policy
         assert isinstance(policy, Predictive)
         # Python floats: indexing a tensor element by element costs ~1 us each, per step.
@@ -145,6 +176,8 @@ class CacheEngine:
         candidates = [e for e in order if votes[e] > 0 and votes[e] >= thr]
         if self.max_prefetch is not None:
             candidates = candidates[: self.max_prefetch]
+        if budget is not None:
+            candidates = candidates[:budget]
         nbytes = self.expert_bytes(layer)
         inserted: list[Key] = []
         try:
@@ -166,3 +199,4 @@ class CacheEngine:
                 self._fetch(key, True)
         finally:
             res.pinned.difference_update(inserted)
+        return None if budget is None else budget - len(inserted)

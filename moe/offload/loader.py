@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -120,31 +121,38 @@ def _check_experts(idx: ExpertIndex, reader: ShardReader, layers: list[tuple[int
                 )
 
 
+DEFAULT_EXPERT_CACHE_BYTES = 1 << 30
+
+
 def load(
     model_dir: str,
     device: str | torch.device = "cpu",
-    expert_cache_bytes: int = 1 << 30,
-    policy: str = "lru",
+    expert_cache_bytes: int | None = None,
+    policy: str | None = None,
     *,
-    scope: str = "layer",
-    lookahead: int = 1,
-    miss: str = "auto",
-    ram_cache_bytes: int | None = None,
+    config: OffloadConfig | None = None,
     dtype: torch.dtype | None = None,
-    record_trace: bool = False,
     progress: bool = False,
+    scope: str | None = None,
+    lookahead: int | None = None,
+    miss: str | None = None,
+    ram_cache_bytes: int | None = None,
+    record_trace: bool | None = None,
 ) -> OffloadedModel:
     """Loads a transformers MoE model directory with its routed experts offloaded.
+
+        om = moe.offload.load(dir, "cuda", config=OffloadConfig(expert_cache_bytes=4 << 30, policy="lfu"))
 
     Args:
         model_dir: directory with config.json and *.safetensors (+ index) as save_pretrained writes.
         device: where attention, embeddings, routers, shared experts and the expert cache live.
-        expert_cache_bytes: device bytes for cached experts (with scope="layer", split evenly
-            over MoE layers; each layer needs room for at least one expert).
-        policy: "lru" | "lfu" | "predictive".
-        scope, lookahead, miss, ram_cache_bytes, record_trace: see OffloadConfig.
+        config: how experts are cached (OffloadConfig; None = OffloadConfig(expert_cache_bytes=1 GiB)).
+            With scope="layer" the budget is split evenly over MoE layers; each layer needs
+            room for at least one expert.
         dtype: compute dtype (default: config.json's dtype, else float32).
         progress: show a tqdm bar while loading.
+        expert_cache_bytes, policy, scope, lookahead, miss, ram_cache_bytes, record_trace:
+            deprecated (DeprecationWarning): the fields of OffloadConfig, pass config= instead.
 
     Returns:
         OffloadedModel(model, runtime, model_dir); model.generate(...) works as usual.
@@ -155,6 +163,18 @@ def load(
         BudgetError (a ValueError): expert_cache_bytes cannot hold one expert per layer.
         TypeError: the model has no supported sparse MoE block.
     """
+    oconfig = _offload_config(
+        config,
+        dict(
+            expert_cache_bytes=expert_cache_bytes,
+            policy=policy,
+            scope=scope,
+            lookahead=lookahead,
+            miss=miss,
+            ram_cache_bytes=ram_cache_bytes,
+            record_trace=record_trace,
+        ),
+    )
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe.integrations.hf_families import SUPPORTED_BLOCKS, spec_for
@@ -196,8 +216,7 @@ def load(
         shape = shapes[key[0]]
         shard_reader.read_expert(idx.experts[(numbers[key[0]], key[1])], out_flat, shape.dim, shape.hidden)
 
-    store = ExpertStore(read, shapes, dtype, device, ram_cache_bytes)
-    oconfig = OffloadConfig(expert_cache_bytes, policy, scope, lookahead, miss, ram_cache_bytes, record_trace)
+    store = ExpertStore(read, shapes, dtype, device, oconfig.ram_cache_bytes)
     try:
         runtime = OffloadRuntime(
             store, oconfig, [m.router for _, m in layers], [m.config.num_experts for _, m in layers]
@@ -214,6 +233,28 @@ def load(
     _load_dense(model, idx, blocks, checker, dtype, device, progress)
     model.eval()
     return OffloadedModel(model, runtime, model_dir)
+
+
+def _offload_config(config: OffloadConfig | None, loose: dict[str, Any]) -> OffloadConfig:
+    """config, or one built from the deprecated loose keywords (None = not given)."""
+    given = {k: v for k, v in loose.items() if v is not None}
+    if config is not None:
+        if not isinstance(config, OffloadConfig):
+            raise TypeError(f"config must be a moe.offload.OffloadConfig, got {type(config).__name__}")
+        if given:
+            raise TypeError(
+                f"pass the cache settings either as config=OffloadConfig(...) or as keywords {sorted(given)}, not both"
+            )
+        return config
+    if given:
+        warnings.warn(
+            f"moe.offload.load(..., {', '.join(f'{k}=' for k in given)}) is deprecated; pass "
+            f"config=moe.offload.OffloadConfig({', '.join(f'{k}=...' for k in given)})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    given.setdefault("expert_cache_bytes", DEFAULT_EXPERT_CACHE_BYTES)
+    return OffloadConfig(**given)
 
 
 def _load_dense(

@@ -10,11 +10,14 @@ Shape legend: N routed rows sorted by expert, D dim, H expert hidden, F = 2H, E 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from moe.config import positional_deprecated
 from moe.experts import activate
 from moe.offload.cache import Residency
 from moe.offload.cost import CostModel
@@ -27,9 +30,17 @@ from moe.offload.trace import Trace, TraceBuilder
 MISS_MODES = ("auto", "copy", "cpu")
 
 
-@dataclass(frozen=True)
+Policy = Literal["lru", "lfu", "predictive"]
+Scope = Literal["layer", "global"]
+Miss = Literal["auto", "copy", "cpu"]
+CACHE_POLICIES = ("lru", "lfu", "predictive")  # belady is offline: moe.offload.simulate only
+SCOPES = ("layer", "global")
+
+
+@positional_deprecated
+@dataclass(frozen=True, kw_only=True)
 class OffloadConfig:
-    """How experts are cached.
+    """How experts are cached (`moe.offload.load(dir, device, config=OffloadConfig(...))`).
 
     Attributes:
         expert_cache_bytes: device bytes for experts (per-layer scope: split evenly over MoE layers).
@@ -44,20 +55,31 @@ class OffloadConfig:
     """
 
     expert_cache_bytes: int
-    policy: str = "lru"
-    scope: str = "layer"
+    policy: Policy = "lru"
+    scope: Scope = "layer"
     lookahead: int = 1
-    miss: str = "auto"
+    miss: Miss = "auto"
     ram_cache_bytes: int | None = None
     record_trace: bool = False
 
     def __post_init__(self) -> None:
+        if self.policy not in CACHE_POLICIES:
+            raise ValueError(
+                f"unknown policy {self.policy!r}; policy must be one of {CACHE_POLICIES} "
+                "(belady is offline: moe.offload.simulate)"
+            )
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
         if self.miss not in MISS_MODES:
             raise ValueError(f"miss must be one of {MISS_MODES}, got {self.miss!r}")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int):
+            raise TypeError(f"lookahead must be an int, got {self.lookahead!r}")
         if self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
-        if self.expert_cache_bytes < 0:
+        if not self.expert_cache_bytes >= 0:
             raise ValueError(f"expert_cache_bytes must be >= 0, got {self.expert_cache_bytes}")
+        if self.ram_cache_bytes is not None and not self.ram_cache_bytes >= 0:
+            raise ValueError(f"ram_cache_bytes must be None (unlimited) or >= 0, got {self.ram_cache_bytes}")
 
 
 class OffloadRuntime:
@@ -96,13 +118,23 @@ class OffloadRuntime:
         self.predicts = self.residency.policy.prefetches
         self.trace = TraceBuilder(self.num_layers, max(num_experts), config.lookahead if self.predicts else 0)
         self.cpu_rows = 0
+        # Host seconds spent issuing copies and forecasting, and how many of each: the timeline's
+        # "measured" preset (moe.offload.timeline.measured_hardware) is calibrated from them.
+        self.host_seconds = {"fetch": 0.0, "forecast": 0.0}
+        self.host_calls = {"fetch": 0, "forecast": 0}
 
     @property
     def stats(self):  # noqa: ANN201 - CacheStats
         return self.residency.stats
 
     def _fetch(self, key: Key, prefetch: bool) -> None:
+        start = time.perf_counter()
         self.store.fetch(key, prefetch)
+        self._timed("fetch", start)
+
+    def _timed(self, what: str, start: float) -> None:
+        self.host_seconds[what] += time.perf_counter() - start
+        self.host_calls[what] += 1
 
     def _on_cpu(self, rows_E: list[int], device: torch.device, act_bytes: int) -> object:
         mode = self.config.miss
@@ -126,7 +158,9 @@ class OffloadRuntime:
     def _predict(self, layer: int, x_TD: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
         if not self.predicts or x_TD.shape[0] == 0:
             return None, []
+        start = time.perf_counter()
         probs, _, ahead = forecast(self.routers, layer, x_TD, self.config.lookahead)
+        self._timed("forecast", start)
         return probs, ahead
 
     @torch.no_grad()

@@ -17,12 +17,28 @@ from dataclasses import dataclass
 
 import torch
 
+from moe.config import check_int, check_unit, positional_deprecated
 from moe.offload.trace import Trace
 
 
-@dataclass(frozen=True)
+@positional_deprecated
+@dataclass(frozen=True, kw_only=True)
 class SyntheticConfig:
-    """Knobs of the synthetic trace (defaults: the calibrated setting of benchmarks/offload.py)."""
+    """Knobs of the synthetic trace (defaults: the calibrated setting of benchmarks/offload.py).
+
+    Attributes:
+        num_layers, num_experts, top_k: L MoE layers of E experts, k per token.
+        tokens: T decode steps (one token each).
+        zipf: exponent of the per-layer expert popularity bias.
+        reuse: correlation of a token's context with the previous token's, in [0, 1].
+        cross_layer: correlation of a layer's hidden state with the previous layer's, in [0, 1].
+        token_identity: share of the hidden state fixed by the token id, in [0, 1].
+        vocab, vocab_zipf: vocabulary size and the Zipf exponent tokens are drawn with.
+        dim: d, width of the latent hidden state.
+        sharpness: s, scale of the router logits (higher = more decisive routing).
+        lookahead: layers ahead whose router scores are recorded for the predictive policy.
+        seed: seeds the generator.
+    """
 
     num_layers: int = 16
     num_experts: int = 64
@@ -40,10 +56,16 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("num_layers", "num_experts", "top_k", "tokens", "vocab", "dim"):
+            check_int(name, getattr(self, name), 1)
+        check_int("lookahead", self.lookahead, 0)
         for name in ("reuse", "cross_layer", "token_identity"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
+            check_unit(name, getattr(self, name))
+        for name in ("zipf", "vocab_zipf"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0 = uniform), got {getattr(self, name)}")
+        if not self.sharpness > 0:
+            raise ValueError(f"sharpness must be > 0, got {self.sharpness}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
 

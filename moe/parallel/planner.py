@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe.config import PlannerConfig
 from moe.parallel.comm import collective_device
 
 
@@ -55,28 +56,6 @@ class Plan:
         if mode is None or (rest and not rest.isdigit()):
             raise ValueError(f"cannot parse plan {text!r}; use e.g. 'dp', 'ep', 'ep+shard2', 'ep/d=4'")
         return Plan(mode, int(rest) if rest else 1)
-
-
-@dataclass(frozen=True)
-class PlannerConfig:
-    """Knobs of the adaptive planner (see the module docstring)."""
-
-    chunk_options: tuple[int, ...] = (1, 2, 4)
-    warmup: int = 1
-    samples: int = 3
-    check_every: int = 10
-    recheck_every: int = 500
-    shift_threshold: float = 0.5
-    max_samples: int = 16
-    runoff_margin: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not self.chunk_options or any(d < 1 for d in self.chunk_options):
-            raise ValueError(f"chunk_options must be positive pipeline degrees, got {self.chunk_options}")
-        if self.samples < 1 or self.warmup < 0 or self.check_every < 1 or self.recheck_every < 1:
-            raise ValueError("samples and check intervals must be >= 1, warmup >= 0")
-        if not self.runoff_margin >= 0:
-            raise ValueError(f"runoff_margin must be >= 0 (0 = no run-off), got {self.runoff_margin}")
 
 
 @dataclass
