@@ -2,8 +2,8 @@
 
     python3 benchmarks/grouped_gemm.py [--csv] [--only a|b] [--rounds 3]
 
-Needs CUDA, torch and Triton only (nothing installed from this repo: the kernels are loaded from
-kernels/ next to this folder). On a machine without CUDA it says so and exits 0.
+Needs CUDA, torch and Triton; moe need not be installed (the kernels are this checkout's kernels/,
+imported as moe.kernels). On a machine without CUDA it says so and exits 0.
 
 Cases (bf16, fp32 accumulation):
     a        8 experts x 8192 rows, K=4096, N=14336: forward y = x @ w[e]; backward dX = dy @ w[e]^T
@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_kernels():  # type: ignore[no-untyped-def]
-    """(ops, grouped_gemm) from this checkout's kernels/ (also when moe is not installed)."""
+    """(ops, grouped_gemm): moe.kernels from this checkout's kernels/ (also when moe is not installed)."""
     sys.path.insert(0, str(ROOT))
-    from kernels import grouped_gemm, ops
+    from moe.kernels import grouped_gemm, ops
 
     return ops, grouped_gemm
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
+# 5.x: fused expert weights, routers that return (logits, weights, ids), blocks that return hidden
+# states only. 4.57: one MLP per expert, plain Linear gates (DeepSeek: (ids, weights)), and
+# Mixtral/Qwen/OLMoE blocks that return (hidden, router_logits). Both are supported.
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 DIM = 32
 
@@ -98,5 +105,44 @@ FAMILIES = tuple(BLOCK_CLASSES)
 
 def block_class(family: str) -> Any:
     module, name = BLOCK_CLASSES[family]
-    modeling = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name])
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    if not hasattr(modeling, name) and name == "DeepseekV2Moe":
+        name = "DeepseekV2MoE"  # its 4.57 spelling
     return getattr(modeling, name)
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states of an HF block's forward (4.57's Mixtral/Qwen/OLMoE also return router logits)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def hf_routing(block: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weights [T, K], expert ids [T, K]) of the block's own router, or None where the gate is a
+    plain Linear (4.57's Mixtral/Qwen/OLMoE: the top-k happens inside the block's forward)."""
+    gate = block.gate
+    if TRANSFORMERS_5:
+        _, weights, ids = gate(x_TD)
+        return weights, ids
+    if isinstance(gate, nn.Linear):
+        return None
+    ids, weights = gate(x_TD.unsqueeze(0) if type(gate).__name__ == "DeepseekV2MoEGate" else x_TD)
+    return weights, ids
+
+
+def expert_tensors(block: nn.Module, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's expert weights (or their gradients) in the 5.x fused layout, for either layout:
+    (gate_up [E, 2I, D] with the gate rows first, down [E, D, I])."""
+    experts = block.experts
+    if hasattr(experts, "gate_up_proj"):
+        fused = (experts.gate_up_proj, experts.down_proj)
+        return (fused[0].grad, fused[1].grad) if grad else (fused[0], fused[1])
+    names = ("w1", "w3", "w2") if hasattr(experts[0], "w1") else ("gate_proj", "up_proj", "down_proj")
+
+    def get(expert: nn.Module, name: str) -> torch.Tensor:
+        weight = getattr(expert, name).weight
+        if not grad:
+            return weight
+        return torch.zeros_like(weight) if weight.grad is None else weight.grad  # 4.57 skips idle experts
+
+    gate_up = torch.stack([torch.cat([get(e, names[0]), get(e, names[1])]) for e in experts])
+    return gate_up, torch.stack([get(e, names[2]) for e in experts])

@@ -16,8 +16,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -35,24 +33,15 @@ def triton_installed() -> bool:
 
 
 def kernel_ops() -> ModuleType:
-    """moe.kernels.ops; in a source checkout that was not pip-installed, loaded from kernels/ beside moe/."""
+    """moe.kernels.ops (installed; in a source tree `import moe` maps moe.kernels to kernels/ beside moe/)."""
     try:
         return importlib.import_module("moe.kernels.ops")
     except ModuleNotFoundError as err:
         if err.name not in ("moe.kernels", "moe.kernels.ops"):
             raise
-    root = Path(__file__).resolve().parents[2] / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "moe.kernels", root / "__init__.py", submodule_search_locations=[str(root)]
-    )
-    if spec is None or spec.loader is None or not (root / "ops.py").is_file():
         raise ModuleNotFoundError(
-            f"moe.kernels is missing (no {root / 'ops.py'}); install the package: pip install -e ."
-        )
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["moe.kernels"] = package
-    spec.loader.exec_module(package)
-    return importlib.import_module("moe.kernels.ops")
+            "moe.kernels is missing from this installation of moe; reinstall it: pip install .", name=err.name
+        ) from err
 
 
 def available(device: torch.device) -> bool:

@@ -1,1 +1,0 @@
-"""Triton kernels, installed as moe.kernels. Importing this package imports no Triton."""
