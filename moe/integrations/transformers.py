@@ -41,6 +41,8 @@ from moe.integrations.hf_families import (
     spec_for,
 )
 from moe.layer import MoE
+from moe.routing import Router
+from moe.routing.sparsemixer import SparseMixerRouter
 
 __all__ = ["from_hf", "patch", "HFMoEBlock", "SUPPORTED_BLOCKS"]
 
@@ -64,12 +66,15 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
     check_silu(block)
     weights = expert_weights(block)
     num_experts, dim, width = weights.w_in.shape
-    router_weight: torch.Tensor = block.gate.weight  # type: ignore[union-attr,assignment]
+    gate = getattr(block, spec.router_attr)
+    router_weight: torch.Tensor = gate.weight
     if tuple(router_weight.shape) != (num_experts, dim):
         raise TypeError(
-            f"{type(block).__name__}.gate.weight has shape {tuple(router_weight.shape)}, expected "
+            f"{type(block).__name__}.{spec.router_attr}.weight has shape {tuple(router_weight.shape)}, expected "
             f"[num_experts, dim] = [{num_experts}, {dim}]"
         )
+    if getattr(gate, "bias", None) is not None:
+        raise TypeError(f"{type(block).__name__}.{spec.router_attr} has a bias; our routers have none")
     router_config = spec.router_config(block)
     if overrides:
         allowed = {f.name for f in dataclasses.fields(router_config)}
@@ -85,23 +90,27 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
     shared_gate = getattr(block, spec.shared_expert_gate) if spec.shared_expert_gate else None
     shared_hidden = int(shared.down_proj.weight.shape[1]) if shared is not None else None
 
+    router: str | Router = spec.router
+    if spec.router == "sparsemixer":
+        with torch.device(router_weight.device):
+            router = SparseMixerRouter(dim, num_experts, top_k, router_config)
     with torch.device(router_weight.device):
         layer = MoE(
             dim,
             width // 2,
             num_experts,
             top_k,
-            spec.router,
+            router,
             num_shared_experts=1 if shared is not None else 0,
             shared_expert_hidden_dim=shared_hidden,
             shared_expert_gate=shared_gate is not None,
             backend=backend,
-            router_config=router_config,
+            router_config=None if isinstance(router, Router) else router_config,
         )
     _copy_into(layer.experts.w_in, weights.w_in)
     _copy_into(layer.experts.w_out, weights.w_out)
     _copy_into(_tensor(layer.router, "weight"), router_weight)
-    bias = getattr(block.gate, "e_score_correction_bias", None)
+    bias = getattr(gate, "e_score_correction_bias", None)
     if spec.router == "aux_free" and isinstance(bias, torch.Tensor):
         _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float())  # the bias stays fp32 in any dtype
     if shared is not None:
