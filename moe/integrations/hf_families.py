@@ -62,7 +62,7 @@ def _normalised_topk_router(block: nn.Module) -> RouterConfig:
     return TopKConfig(norm_topk_prob=True, aux_loss_coef=0.0)
 
 
-def _sparsemixer_router(block: nn.Module) -> RouterConfig:
+def _sparsemixer_router(block: nn.Module) -> Any:
     from moe.routing.sparsemixer import SparseMixerConfig
 
     top_k = int(read_option(block, "top_k", "num_experts_per_tok"))
