@@ -169,11 +169,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_expert="shared_expert",
         shared_expert_gate="shared_expert_gate",
     ),
-    FamilySpec("Qwen3-VL-MoE", ("Qwen3VLMoeTextSparseMoeBlock",), "topk", _softmax_topk_router),
     FamilySpec("Jamba", ("JambaSparseMoeBlock",), "topk", _unnormalised_topk_router, router_attr="router"),
     FamilySpec(
         "Granite-MoE",
-        ("GraniteMoeMoE", "GraniteMoeSharedMoE", "GraniteMoeHybridMoE"),
+        ("GraniteMoeMoE", "GraniteMoeSharedMoE"),
         "topk",
         _normalised_topk_router,
         router_attr="router",

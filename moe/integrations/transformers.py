@@ -3,23 +3,29 @@
     layer = from_hf(model.model.layers[0].mlp)   # same routing and outputs, weights copied
     n = patch(model)                             # every supported block now runs moe.MoE
 
+    n = unpatch(model)                           # the HF blocks back, with our (fine-tuned) weights
+    scan(model)                                  # which blocks patch() converts, and why others not
+
 Supported blocks (transformers 5.x fused experts, and 4.57-style per-expert ModuleLists):
 Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, OLMoE, DeepSeek-V3 (aux-loss-free
 router, group-limited selection, ungated shared experts), DeepSeek-V2 (softmax, greedy or
-group_limited_greedy).
+group_limited_greedy), GLM-4.5 / GLM-4.5-lite / GLM-4.5V text (DeepSeek-V3 routing), dots1,
+MiniMax, Qwen3-Next, Jamba, Granite-MoE (+Shared: its shared_mlp sits outside the block and stays
+HF's), PhiMoE (sparsemixer top-2, eval mode only: training-mode sparsemixer samples and raises).
+Blocks that hold `experts` but are not one of these are left untouched with a warning naming the
+block and the reason (GPT-OSS: expert biases and clamped SwiGLU; unknown classes: unverified math).
 transformers itself is never imported: blocks are recognised by class name (moe.integrations.hf_families).
+
+After patch(): output_router_logits=True works (our blocks hand HF's output collector the router
+logits, so HF's own aux loss comes from our routers); moe.aux_loss(model) also works.
+unpatch(model) before save_pretrained gives a checkpoint the unpatched HF class loads.
 
 Differences that remain, by design:
     - Our routers compute logits in fp32 from fp32 copies of x and W; HF's Mixtral/Qwen/OLMoE
       routers compute them in the model dtype first, so bf16/fp16 routing can differ on near-ties
-      (fp32 models match exactly).
-    - HF blocks compute no loss; the model adds one only with output_router_logits. After patch()
-      HF sees no router logits: use moe.aux_loss(model) (set aux_loss_coef / seq_aux_loss_coef via
-      router overrides) and moe.update_routers(model) for DeepSeek-V3's bias.
+      (fp32 models match exactly). There is no routing-dtype option yet.
     - Mixtral's training jitter multiplies the expert input too in HF; ours scales the router input only.
     - DeepSeek-V3 on 4.57 masked dropped groups with 0.0 (a bug); we use -inf like 5.x.
-    - A patched model's state_dict uses our names (...mlp.moe.experts.w_in), so save_pretrained
-      output no longer loads into the unpatched HF class; there is no converter back yet.
 """
 
 from __future__ import annotations
