@@ -1,4 +1,14 @@
-"""Routed experts with fused weights [E, ...], and the dense MLP used for shared experts."""
+"""The experts seam, the expert MLP (written once), routed experts with fused weights [E, ...],
+and the dense MLP of the shared experts.
+
+Every kind of routed experts (Experts here, moe.parallel.ParallelExperts, moe.offload's
+OffloadedExperts) implements ExpertsBase: forward(x_ND, counts_E) -> y_ND on rows sorted by
+expert, plus an optional fused capability (supports_fused / forward_fused) that a dispatcher
+asks for: rows gathered and gate-weighted inside the GEMMs (the Triton path).
+
+Shape legend: T tokens, N rows sorted by expert, D dim, H expert hidden, F first-GEMM width
+(2H for SwiGLU, H for GELU), E experts.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +21,8 @@ from torch import nn
 from moe import ops
 from moe.ops import triton as ops_triton
 
+__all__ = ["ExpertsBase", "Experts", "MLP", "activate", "expert_mlp", "shared_output", "supports_fused"]
+
 
 def activate(h_NF: torch.Tensor, activation: str, backend: str = "auto") -> torch.Tensor:
     """SwiGLU: silu(first half) * second half (`backend`'s fused op where it has one); GELU: gelu(h)."""
@@ -19,7 +31,63 @@ def activate(h_NF: torch.Tensor, activation: str, backend: str = "auto") -> torc
     return F.gelu(h_NF)
 
 
-class Experts(nn.Module):
+def expert_mlp(
+    x_ND: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    counts_E: torch.Tensor | None,
+    activation: str,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The expert MLP, act(x w_in) w_out, in x's dtype: the one definition every kind of experts uses.
+
+    Args:
+        x_ND: [N, D] rows (sorted by expert when counts_E is given).
+        w_in: [E, D, F] with counts_E, or [D, F] for one expert (counts_E None).
+        w_out: [E, H, D] with counts_E, or [H, D].
+        counts_E: [E] int64 rows per expert (grouped GEMMs; rows past counts.sum() give 0), or None.
+        activation: "swiglu" (columns [:H] gate, [H:] up) or "gelu".
+        backend: op backend of the grouped GEMMs and the activation.
+
+    Returns:
+        [N, D].
+    """
+    w_in, w_out = w_in.to(x_ND.dtype), w_out.to(x_ND.dtype)  # under autocast: the activation dtype
+    if counts_E is None:
+        return activate(x_ND @ w_in, activation, backend) @ w_out
+    h = ops.grouped_mm(x_ND, w_in, counts_E, backend)
+    return ops.grouped_mm(activate(h, activation, backend), w_out, counts_E, backend)
+
+
+class ExpertsBase(nn.Module):
+    """The experts protocol: what a dispatcher calls on routed experts of any kind.
+
+    forward(x_ND, counts_E) -> y_ND
+        x_ND [N, D] rows sorted by (local) expert, counts_E [E] int64 rows per expert;
+        returns [N, D], rows past counts.sum() are 0.
+    supports_fused(device) -> bool (optional capability, False by default)
+        Whether forward_fused may be called on `device`.
+    forward_fused(x_TD, token_idx_N, counts_E, weights_N) -> y_ND (only if supported)
+        weights_N * expert(x_TD[token_idx_N]), gather and weighting inside the GEMMs.
+    """
+
+    def supports_fused(self, device: torch.device) -> bool:
+        """Whether forward_fused runs on `device`; experts without a fused kernel say False."""
+        return False
+
+    def forward_fused(
+        self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, counts_E: torch.Tensor, weights_N: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no fused path (supports_fused is False)")
+
+
+def supports_fused(experts: nn.Module, device: torch.device) -> bool:
+    """experts.supports_fused(device), False for experts that do not implement the capability."""
+    probe = getattr(experts, "supports_fused", None)
+    return bool(probe(device)) if callable(probe) else False
+
+
+class Experts(ExpertsBase):
     """E expert MLPs evaluated with grouped GEMMs over expert-sorted rows.
 
     Weights (x @ w layout, so each expert's matrix is [in, out]):
@@ -45,11 +113,11 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND [N, D] sorted by expert, counts_E [E] -> [N, D]; rows past counts.sum() give 0."""
-        # Under autocast the weights are cast to the activation dtype.
-        w_in: torch.Tensor = self.w_in.to(x_ND.dtype)
-        w_out: torch.Tensor = self.w_out.to(x_ND.dtype)
-        h = ops.grouped_mm(x_ND, w_in, counts_E, self.backend)
-        return ops.grouped_mm(activate(h, self.activation, self.backend), w_out, counts_E, self.backend)
+        return expert_mlp(x_ND, self.w_in, self.w_out, counts_E, self.activation, self.backend)
+
+    def supports_fused(self, device: torch.device) -> bool:
+        """True where this experts' backend resolves to the Triton grouped GEMM on `device`."""
+        return ops_triton.uses_triton(self.backend, device)
 
     def forward_fused(
         self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, counts_E: torch.Tensor, weights_N: torch.Tensor
@@ -82,6 +150,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., D]."""
         if self.activation == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+def shared_output(mlp: nn.Module | None, gate: nn.Module | None, x_TD: torch.Tensor) -> torch.Tensor | None:
+    """The shared-expert block: mlp(x) [T, D], scaled by sigmoid(gate(x)) when gated; None without one."""
+    if mlp is None:
+        return None
+    shared = mlp(x_TD)
+    return shared if gate is None else torch.sigmoid(gate(x_TD)) * shared

@@ -1,24 +1,26 @@
-"""MoE: router -> dispatch -> experts -> combine (+ shared experts). A drop-in MLP.
+"""MoE: router -> (capacity) -> dispatch -> experts -> combine (+ shared experts). A drop-in MLP.
 
 Shape legend: T tokens (all leading dims flattened), D dim, E experts, K top-k, N copies.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from moe.config import MoEConfig, ParallelConfig, RouterConfig, router_config
-from moe.dispatch import LocalDispatcher
-from moe.experts import MLP, Experts
+from moe.dispatch import Dispatcher, LocalDispatcher
+from moe.experts import MLP, Experts, shared_output
 from moe.reference import count_tokens
 from moe.routing import Router, build_router
-from moe.routing.capacity import apply_capacity, expert_capacity
+from moe.routing.capacity import drop_over_capacity
+
+__all__ = ["MoE", "MoEStats", "max_violation"]
 
 
 @dataclass
@@ -137,7 +139,10 @@ class MoE(nn.Module):
         )
         self.shared_experts = MLP(dim, cfg.shared_hidden_dim, activation) if num_shared_experts else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
-        self.dispatcher = LocalDispatcher(num_experts, backend) if self.parallel is None else self.parallel.dispatcher
+        # One device: LocalDispatcher; across ranks: the ExpertParallelDispatcher the runtime drives.
+        self.dispatcher: Any = (
+            LocalDispatcher(num_experts, backend) if self.parallel is None else self.parallel.dispatcher
+        )
         self.aux_losses: dict[str, torch.Tensor] = {}
         self._load: torch.Tensor | None = None
         self._dropped: torch.Tensor | None = None
@@ -203,6 +208,28 @@ class MoE(nn.Module):
                 raise ValueError(f"token_mask is on {token_mask.device} but input is on {x.device}")
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """y = routed experts(x) (+ shared experts(x)): one path on one device and across ranks.
+
+            x [..., D] -> x_TD [T, D]                      (T = all leading dims)
+            router(x_TD) -> Routing: ids [T, K], weights [T, K]
+            capacity (capacity_factor > 0): copies past an expert's capacity -> id -1, weight 0
+            dispatcher: dispatch -> x_sorted [N, D], counts [E_local]   (N = routing.max_copies)
+            experts(x_sorted, counts) -> y_sorted [N, D]
+            dispatcher: combine -> y_TD [T, D] (gate-weighted sum, fp32)
+            + shared experts(x_TD) [T, D]                (the dispatcher may overlap them)
+            -> y [..., D] in x's dtype
+
+        The dispatcher is LocalDispatcher on one device (fused gather/GEMM/weighting when the
+        experts support it) or, with process_group, the ExpertParallel runtime (all-to-all,
+        planned and pipelined). Sets `aux_losses` and `stats`.
+
+        Args:
+            x: [..., D] floating point, on the layer's device.
+            token_mask: [...] bool, False = padding (excluded from losses, stats, load counts).
+
+        Returns:
+            [..., D], same shape and dtype as x.
+        """
         self._check_input(x, token_mask)
         cfg = self.config
         shape, in_dtype = x.shape, x.dtype
@@ -218,40 +245,24 @@ class MoE(nn.Module):
         with torch.no_grad():
             counted = routing.expert_ids if mask_T is None else torch.where(mask_T.unsqueeze(1), routing.expert_ids, -1)
             self._load = count_tokens(counted, cfg.num_experts)
+        self._dropped = None
         if not cfg.dropless:
             assert cfg.capacity_factor is not None
-            # A non-finite token is routed nowhere, so its values cannot change who else fits.
-            finite = torch.isfinite(x_TD).all(dim=1, keepdim=True) & torch.isfinite(routing.weights).all(1, True)
-            if mask_T is not None:  # padding takes no capacity slot (and is not counted as dropped)
-                finite = finite & mask_T.unsqueeze(1)
-            ids = torch.where(finite, routing.expert_ids, -1)
-            cap = expert_capacity(x_TD.shape[0], routing.expert_ids.shape[1], cfg.num_experts, cfg.capacity_factor)
-            ids, weights, dropped = apply_capacity(ids, routing.weights, cfg.num_experts, cap)
-            routing = dataclasses.replace(
-                routing, expert_ids=ids, weights=weights, max_copies=min(routing.max_copies, cfg.num_experts * cap)
-            )
-            self._dropped = dropped
-        else:
-            self._dropped = None
+            routing, self._dropped = drop_over_capacity(routing, x_TD, cfg.num_experts, cfg.capacity_factor, mask_T)
 
-        if self.parallel is not None:  # dispatch/experts/combine across ranks, shared experts overlapped
-            self.aux_losses = routing.aux_losses
-            return self.parallel(x_TD, routing, self.experts, self._shared_output).to(in_dtype).view(shape)
-        if self.dispatcher.fused(x_TD.device):  # Triton: gather and gate weighting fused into the GEMMs
-            counts, handle = self.dispatcher.route(routing, x_TD.shape[0])
-            y_sorted = self.experts.forward_fused(x_TD, handle.token_idx, counts, handle.weights)
-            y_TD = self.dispatcher.combine_weighted(y_sorted, handle)
-        else:
-            x_sorted, counts, handle = self.dispatcher.dispatch(x_TD, routing)
-            y_sorted = self.experts(x_sorted, counts)
-            y_TD = self.dispatcher.combine(y_sorted, handle)
-        if self.shared_experts is not None:
-            shared = self.shared_experts(x_TD)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
-            y_TD = y_TD + shared
+        # dispatch -> experts -> combine; the shared experts go along as work the dispatcher may overlap.
+        mlp, gate = self.shared_experts, self.shared_expert_gate
+        shared = None if mlp is None else partial(shared_output, mlp, gate)
+        y_TD, shared_TD = self._dispatcher().run(x_TD, routing, self.experts, shared)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
         self.aux_losses = routing.aux_losses
         return y_TD.to(in_dtype).view(shape)
+
+    def _dispatcher(self) -> Dispatcher:
+        """The dispatcher of this layer's path: the expert-parallel runtime across ranks (it plans
+        and drives `self.dispatcher`, its ExpertParallelDispatcher), else `self.dispatcher`."""
+        return self.parallel if self.parallel is not None else self.dispatcher
 
     def __getstate__(self) -> dict:
         # aux_losses of the last forward belong to its autograd graph: a copy (copy.deepcopy for
@@ -261,12 +272,14 @@ class MoE(nn.Module):
         return state
 
     def _shared_output(self, x_TD: torch.Tensor) -> torch.Tensor | None:
-        if self.shared_experts is None:
-            return None
-        shared = self.shared_experts(x_TD)
-        if self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
-        return shared
+        """Deprecated: moe.experts.shared_output(layer.shared_experts, layer.shared_expert_gate, x_TD)."""
+        warnings.warn(
+            "MoE._shared_output is deprecated; use moe.experts.shared_output(layer.shared_experts, "
+            "layer.shared_expert_gate, x_TD)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return shared_output(self.shared_experts, self.shared_expert_gate, x_TD)
 
     def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
         """Called by DeepSpeed's engine on every module that has it: refuses unprepared expert-parallel layers."""

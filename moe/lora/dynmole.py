@@ -105,15 +105,24 @@ class DynMoLERouter(Router):
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.normal_(self.weight, std=dim**-0.5)
 
+    def _select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probs [T, E], selection mask [T, E], ids [T, E] with -1 where not selected)."""
+        acc = torch.promote_types(x_TD.dtype, torch.float32)  # gate in fp32 (fp64 stays fp64)
+        probs_TE = F.softmax(x_TD.to(acc) @ self.weight.to(acc).t(), dim=-1)
+        mask_TE = dynmole_select(probs_TE.detach(), self.top_p, self.min_experts, self.entropy_threshold)
+        return probs_TE, mask_TE, torch.where(mask_TE, torch.arange(self.num_experts, device=x_TD.device), -1)
+
+    @torch.no_grad()
+    def probe(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs [T, E], ids [T, E], -1 where not selected) of forward; no losses."""
+        probs_TE, _, ids_TE = self._select(x_TD)
+        return probs_TE, ids_TE
+
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
-        acc = torch.promote_types(x_TD.dtype, torch.float32)  # gate in fp32 (fp64 stays fp64)
-        logits_TE = x_TD.to(acc) @ self.weight.to(acc).t()
-        probs_TE = F.softmax(logits_TE, dim=-1)
-        mask_TE = dynmole_select(probs_TE.detach(), self.top_p, self.min_experts, self.entropy_threshold)
+        probs_TE, mask_TE, expert_ids_TE = self._select(x_TD)
         weights_TE = probs_TE * mask_TE
-        expert_ids_TE = torch.where(mask_TE, torch.arange(self.num_experts, device=x_TD.device), -1)
         losses: dict[str, torch.Tensor] = {}
         if self.entropy_coef > 0 and x_TD.shape[0] > 0:
             losses["tsallis"] = self.entropy_coef * tsallis_entropy(probs_TE).mean()

@@ -31,6 +31,7 @@ from torch import nn
 
 from moe import ops
 from moe.config import TopKConfig
+from moe.dispatch import LocalDispatcher
 from moe.lora.dynmole import DynMoLERouter
 from moe.routing.base import Router, Routing
 from moe.routing.topk import TopKRouter
@@ -70,15 +71,11 @@ def lora_experts_grouped(
         ids_TK: [T, K] int64 expert ids, -1 = unused slot (its weight must be 0).
         weights_TK: [T, K] gate weights.
     """
-    num_tokens, k = ids_TK.shape
-    num_experts = a_EDR.shape[0]
-    order_N, counts_E = ops.sort_by_expert(ids_TK.reshape(-1), num_experts, backend)
-    token_idx_N = order_N // k
-    x_ND = ops.permute(x_TD, token_idx_N, backend)
+    dispatcher = LocalDispatcher(a_EDR.shape[0], backend)  # the same seam as the MoE layer's
+    x_ND, counts_E, state = dispatcher.dispatch(x_TD, Routing(ids_TK, weights_TK))
     h_NR = ops.grouped_mm(x_ND, a_EDR, counts_E, backend)
     y_NN = ops.grouped_mm(h_NR, b_ERN, counts_E, backend)  # rows past counts.sum() are zero
-    weights_N = weights_TK.reshape(-1).index_select(0, order_N)
-    return ops.unpermute(y_NN, token_idx_N, weights_N, num_tokens, backend)
+    return dispatcher.combine(y_NN, state)
 
 
 class LoRAMoELinear(nn.Module):

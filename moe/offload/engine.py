@@ -40,6 +40,8 @@ class CacheEngine:
         prefetch_budget: how many prefetch copies the link can take now without delaying the
             copies of experts known to be needed (the copies that fit in the link's idle time
             before the next layer's demand); None: no limit.
+        admit_cpu_misses: asked after each miss computed on the CPU whether to also copy that
+            expert in, as a prefetch, now (e.g. while the link is idle); None: never.
     """
 
     def __init__(
@@ -49,10 +51,12 @@ class CacheEngine:
         fetch: Fetch = _noop,
         max_prefetch: int | None = None,
         prefetch_budget: Callable[[], int] | None = None,
+        admit_cpu_misses: Callable[[], bool] | None = None,
     ) -> None:
         self.residency, self.expert_bytes, self.fetch = residency, expert_bytes, fetch
         self.max_prefetch = max_prefetch
         self.prefetch_budget = prefetch_budget  # None: no limit from the link
+        self.admit_cpu_misses = admit_cpu_misses
         self.threshold: dict[int, float] = {}  # layer -> min confidence to prefetch (adapts to precision)
         self.pending: dict[int, set[int]] = {}  # layer -> experts prefetched for its next step
 
@@ -103,6 +107,7 @@ class CacheEngine:
                 if on_cpu is not None and on_cpu(key):
                     stats.cpu_misses += 1
                     yield key[1], "cpu"
+                    self._admit_in_background(key)
                 else:
                     nbytes = self.expert_bytes(layer)
                     res.pinned.discard(key)
@@ -117,6 +122,23 @@ class CacheEngine:
                 res.pinned.discard(key)
         finally:
             res.pinned.difference_update(keys)
+
+    def _admit_in_background(self, key: Key) -> None:
+        """After a miss computed on the CPU, copy the expert in as a prefetch when admit_cpu_misses
+        says so and the policy values it above an eviction victim: a CPU miss that never enters
+        the cache would be paid again at every later use."""
+        if self.admit_cpu_misses is None or not self.admit_cpu_misses():
+            return
+        res, nbytes = self.residency, self.expert_bytes(key[0])
+        if key in res or nbytes > res.pool_budget:
+            return
+        rank = res.policy.rank(key)
+        if not res.make_room(key, nbytes, floor=rank):
+            return
+        res.insert(key, nbytes, prefetched=True)
+        res.stats.prefetches += 1
+        res.stats.bytes_moved += nbytes
+        self._fetch(key, True)
 
     def _fetch(self, key: Key, prefetch: bool) -> None:
         try:

@@ -234,8 +234,6 @@ def load(
     for ordinal, (_, moe_layer) in enumerate(layers):
         c = moe_layer.config
         moe_layer.experts = OffloadedExperts(runtime, ordinal, c.num_experts, c.dim, c.hidden_dim, dtype, device)
-        if moe_layer.dispatcher.fused(device):  # the fused Triton path needs resident Experts weights
-            moe_layer.dispatcher.backend = "reference"
 
     _load_dense(model, idx, blocks, checker, dtype, device, progress)
     model.eval()

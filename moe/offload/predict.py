@@ -1,44 +1,71 @@
-"""Side-effect-free router evaluation: probabilities and top-k of a router on any hidden state.
+"""Side-effect-free router evaluation for the offload forecaster, through Router.probe.
 
 Used to score the current layer (predictive eviction) and to apply later layers' routers to
-the current hidden state (prefetch). Shape legend: T tokens, D dim, E experts, K top-k.
+the current hidden state (prefetch). The routers own the math (moe.routing: Router.probe);
+this module only asks them. Shape legend: T tokens, D dim, E experts, K top-k, A routers.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moe.routing.aux_free import AuxFreeRouter, group_limited_topk
-from moe.routing.topk import TopKRouter
+from moe.routing.base import Router
+
+__all__ = ["route", "votes", "forecast"]
+
+_warned: set[type] = set()
+
+
+def _warn_no_probe(router: nn.Module, why: str) -> None:
+    if type(router) not in _warned:
+        _warned.add(type(router))
+        warnings.warn(
+            f"offload prediction: router {type(router).__name__} {why}, so its layer gets no prefetch or "
+            "predictive score; implement moe.routing.Router.probe(x_TD) -> (probs [T, E], ids [T, K]) "
+            "(side-effect free) to enable them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _standalone(router: nn.Module) -> bool:
+    return isinstance(router, Router) and router.probe_standalone
 
 
 @torch.no_grad()
 def route(router: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(probs [T, E] fp32, ids [T, K]) as `router` would choose for x_TD, or None for routers it cannot
-    evaluate without side effects (recurrent, expert choice)."""
-    if isinstance(router, TopKRouter):
-        probs = F.softmax(x_TD.float() @ router.weight.float().t(), dim=-1)
-        return probs, probs.topk(router.top_k, dim=-1).indices
-    if isinstance(router, AuxFreeRouter):
-        cfg = router.config
-        logits = x_TD.float() @ router.weight.float().t()
-        scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else F.softmax(logits, dim=-1)
-        ids = group_limited_topk(
-            scores + router.e_score_correction_bias.float(), router.top_k, cfg.n_group, cfg.topk_group, cfg.group_score
-        )
-        return scores / scores.sum(-1, keepdim=True).clamp(min=1e-20), ids
-    return None
+    """(probs [T, E] fp32, ids [T, K]) as `router` would choose for x_TD (Router.probe), or None for
+    a router that cannot score a hidden state on its own: one whose probe reads state carried
+    between layers (the recurrent router; probe_standalone False), or one without a probe (a
+    RuntimeWarning, once per router class)."""
+    if not isinstance(router, Router):
+        _warn_no_probe(router, "is not a moe.routing.Router")
+        return None
+    if not router.probe_standalone:
+        return None
+    try:
+        probs, ids = router.probe(x_TD)
+    except NotImplementedError:
+        _warn_no_probe(router, "does not implement probe")
+        return None
+    return probs.float(), ids
 
 
 def votes(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
     """[E] confidence that each expert is needed: mean over tokens of its probability where it is in
-    the token's top-k, 0 elsewhere (0 for an expert no token picks). On the input's device."""
-    picked = torch.zeros_like(probs_TE).scatter_(1, ids_TK.clamp(min=0), 1.0) * (ids_TK >= 0).any(1, keepdim=True)
-    return (probs_TE * picked).mean(0)
+    the token's top-k, 0 elsewhere (0 for an expert no token picks; -1 ids pick nothing). On the
+    input's device."""
+    return (probs_TE * _picked(ids_TK, probs_TE.shape[-1], probs_TE.dtype)).mean(0)
+
+
+def _picked(ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """[..., E] 1.0 where the slot ids [..., K] pick an expert (-1 slots pick nothing)."""
+    out = torch.zeros(*ids.shape[:-1], num_experts, dtype=dtype, device=ids.device)
+    return out.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).to(dtype)).clamp_(max=1.0)
 
 
 @torch.no_grad()
@@ -54,11 +81,18 @@ def forecast(
         Everything comes back in one device-to-host read: each read is a host sync, and at batch 1
         every sync stalls the overlap of expert copies with compute.
     """
-    chain = routers[layer : layer + lookahead + 1]
-    topk = [r for r in chain if isinstance(r, TopKRouter)]
-    if len(topk) == len(chain) and len({(r.weight.shape, r.top_k) for r in topk}) == 1:
-        return _forecast_topk(topk, layer, x_TD)
-    own = route(routers[layer], x_TD)
+    first = routers[layer]
+    chain = [r for r in routers[layer : layer + lookahead + 1] if type(r) is type(first) and isinstance(r, Router)]
+    if (
+        _standalone(first)
+        and len(chain) == len(routers[layer : layer + lookahead + 1])
+        and len({(r.num_experts, r.top_k) for r in chain}) == 1
+    ):
+        try:
+            return _forecast_stacked(type(chain[0]).probe_many(chain, x_TD), layer)
+        except NotImplementedError:
+            pass  # no probe: route() below warns
+    own = route(first, x_TD)
     rows: list[torch.Tensor] = []
     if own is not None:
         probs_TE, ids_TK = own
@@ -79,16 +113,15 @@ def forecast(
     return probs, picked_host, list(zip(targets, host, strict=True))
 
 
-def _forecast_topk(
-    chain: Sequence[TopKRouter], layer: int, x_TD: torch.Tensor
+def _forecast_stacked(
+    probed: tuple[torch.Tensor, torch.Tensor], layer: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """forecast() for top-k routers of one shape: batched over the routers, so that the op count
-    does not grow with the lookahead (at batch 1 a decode step pays per op, not for the math)."""
-    a, e, k = len(chain), chain[0].num_experts, chain[0].top_k
-    x = x_TD.float()
-    logits = torch.cat([x @ r.weight.float().t() for r in chain], dim=-1)  # [T, A * E]; no weight copies
-    probs_TAE = F.softmax(logits.view(-1, a, e), dim=-1)
-    picked_TAE = torch.zeros_like(probs_TAE).scatter_(-1, probs_TAE.topk(k, dim=-1).indices, 1.0)
+    """forecast() for routers of one class and shape, from their stacked probes (probs [T, A, E],
+    ids [T, A, K]): a fixed number of ops whatever the lookahead."""
+    probs_TAE, ids_TAK = probed
+    probs_TAE = probs_TAE.float()
+    a, e = probs_TAE.shape[1], probs_TAE.shape[2]
+    picked_TAE = _picked(ids_TAK, e, probs_TAE.dtype)
     rows = [probs_TAE[:, 0].mean(0), picked_TAE[:, 0].sum(0)]
     if a > 1:
         rows.append((probs_TAE[:, 1:] * picked_TAE[:, 1:]).mean(0).flatten())

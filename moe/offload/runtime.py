@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moe.config import positional_deprecated
-from moe.experts import activate
+from moe.experts import ExpertsBase, expert_mlp
 from moe.offload.cache import Residency
 from moe.offload.cost import CostModel
 from moe.offload.engine import CacheEngine
@@ -193,8 +193,7 @@ class OffloadRuntime:
         return y_ND
 
     def _mlp(self, x_ND: torch.Tensor, w_in_DF: torch.Tensor, w_out_HD: torch.Tensor) -> torch.Tensor:
-        h = x_ND @ w_in_DF.to(x_ND.dtype)
-        return activate(h, self.activation) @ w_out_HD.to(x_ND.dtype)
+        return expert_mlp(x_ND, w_in_DF, w_out_HD, None, self.activation)
 
     def recorded_trace(self) -> Trace:
         """The routing of every step so far, as a Trace (replay it with moe.offload.simulate).
@@ -210,8 +209,11 @@ class OffloadRuntime:
         self.store.close()
 
 
-class OffloadedExperts(nn.Module):
+class OffloadedExperts(ExpertsBase):
     """Experts whose weights stay in the runtime's store; forward(x_sorted, counts) -> y_sorted.
+
+    No fused path (supports_fused is False: the weights are not resident as [E, ...] tensors),
+    so the dispatcher gathers rows for them on every device.
 
     `w_in` / `w_out` are zero-stride stand-ins with the right shape, dtype and device (MoE checks
     the input against them); the real weights are only ever in the store's tiers.

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from moe.offload.cache import Residency
 from moe.offload.engine import CacheEngine
-from moe.offload.policies import Belady, Key, make_policy
+from moe.offload.policies import Belady, Key, Policy, make_policy
 from moe.offload.trace import Trace
 
 __all__ = [
@@ -258,6 +258,10 @@ class _Link:
             del self.queue[key]
             self._start(key, issued)
 
+    def idle(self, now: float) -> bool:
+        """Nothing queued and a stream free at `now`."""
+        return not self.queue and min(self.free) <= now
+
     def demand(self, key: Key, now: float) -> None:
         self.drain(now)
         self.queue.pop(key, None)  # a queued prefetch now needed: it goes first
@@ -309,10 +313,11 @@ def simulate_timeline(
         raise ValueError(f"capacity {capacity} exceeds the trace's {trace.num_experts} experts per layer")
     link = _Link(hw)
     base = policy.removesuffix("_cpu")
-    if policy in ("belady", "oracle"):
-        pol = Belady(trace.requests())
-    else:
-        pol = make_policy("lru" if policy == "resident" else base)
+    pol: Policy = (
+        Belady(trace.requests())
+        if policy in ("belady", "oracle")
+        else make_policy("lru" if policy == "resident" else base)
+    )
     if policy == "resident":
         capacity = trace.num_experts
     res = Residency(capacity * trace.num_layers, pol, trace.num_layers, scope, on_evict=link.evicted)
@@ -321,6 +326,7 @@ def simulate_timeline(
         res,
         lambda layer: 1,
         prefetch_budget=(lambda: _prefetch_budget(link, clock["host"], hw, clock["experts"])) if link_budget else None,
+        admit_cpu_misses=(lambda: link.idle(clock["host"])) if policy.endswith("_cpu") and hw.async_copies else None,
     )
     if policy == "resident":  # every expert already on the device
         for layer in range(trace.num_layers):

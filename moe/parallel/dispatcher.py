@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moe import ops
+from moe.dispatch import Dispatcher
 from moe.parallel.comm import (
     PendingExchange,
     all_to_all,
@@ -84,7 +85,7 @@ class ParallelHandle:
     mode: int
 
 
-class ExpertParallelDispatcher:
+class ExpertParallelDispatcher(Dispatcher):
     """Dispatch/combine across ranks in mode r (0 = data parallel, 1 = EP, > 1 = EP + sharded).
 
     Args:
@@ -210,20 +211,23 @@ class ExpertParallelDispatcher:
         weights = torch.cat([r.weights for r in routes])
         return ops.unpermute(y_all, token_idx, weights, num_tokens, self.backend)
 
-    def run(
+    def run(  # type: ignore[override]
         self,
         x_TD: torch.Tensor,
         routing: Routing,
         experts: ParallelExperts,
-        mode: int,
-        chunks: int,
-        shared_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+        mode: int = 1,
+        chunks: int = 1,
+        overlap: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dispatch, experts and combine of all chunks, pipelined; returns (y_TD, shared output)."""
+        """Dispatch, experts and combine of all chunks, pipelined: (y_TD [T, D], overlap(x_TD) or None).
+
+        `overlap` (the layer's shared experts) runs while the first dispatch is in flight.
+        """
         routes = self.plan_routes(routing, mode, chunks)
         sent = [ops.permute(x_TD, r.send_token_idx, self.backend) for r in routes]
         started = [self._start(x, r, back=False) for x, r in zip(sent, routes, strict=True)] if mode else []
-        shared = shared_fn(x_TD) if shared_fn is not None else None  # overlaps the dispatch
+        shared = overlap(x_TD) if overlap is not None else None  # overlaps the dispatch
         weights = experts.weights(mode)
         outs = []
         for c, route in enumerate(routes):

@@ -15,12 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe import ops
-from moe.experts import activate
+from moe.experts import ExpertsBase, expert_mlp
 from moe.parallel.layout import UnitExchange, check_layout, stored_units
 
 
-class ParallelExperts(nn.Module):
+class ParallelExperts(ExpertsBase):
     """Routed experts sharded over a process group; computes with the weights of any mode."""
 
     def __init__(
@@ -61,12 +60,15 @@ class ParallelExperts(nn.Module):
         return self.exchange(mode).gather(self.w_in, self.w_out, self.swiglu, self.group)
 
     def forward(
-        self, x_ND: torch.Tensor, counts_E: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """x_ND [N, D] sorted by local expert, counts_E [E_b] -> [N, D] (partial sums if sharded)."""
-        w_in, w_out = (w.to(x_ND.dtype) for w in weights)
-        h = ops.grouped_mm(x_ND, w_in, counts_E, self.backend)
-        return ops.grouped_mm(activate(h, self.activation, self.backend), w_out, counts_E, self.backend)
+        """x_ND [N, D] sorted by local expert, counts_E [E_b] -> [N, D] (partial sums if sharded).
+
+        weights: (w_in, w_out) of the mode the rows were dispatched in (see weights(mode)); None =
+        this rank's stored shard (the expert-parallel mode 1 layout).
+        """
+        w_in, w_out = (self.w_in, self.w_out) if weights is None else weights
+        return expert_mlp(x_ND, w_in, w_out, counts_E, self.activation, self.backend)
 
     @torch.no_grad()
     def load_global(self, w_in_EDF: torch.Tensor, w_out_EHD: torch.Tensor, first_expert: int = 0) -> None:

@@ -6,6 +6,7 @@ ParallelExperts module (so parameters and state_dict keys stay on the layer).
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from moe.config import MoEConfig
+from moe.dispatch import Dispatcher
 from moe.parallel.comm import check_same_config, warn_if_device_unset
 from moe.parallel.dispatcher import ExpertParallelDispatcher
 from moe.parallel.experts import ParallelExperts
@@ -62,8 +64,12 @@ class _OnGrad(torch.autograd.Function):
         return grad, None
 
 
-class ExpertParallel:
-    """Runs dispatch -> experts -> combine of one layer across a process group.
+class ExpertParallel(Dispatcher):
+    """The dispatcher of an expert-parallel layer: dispatch -> experts -> combine across a process group.
+
+    run (what MoE.forward calls) picks the plan (mode and pipeline degree) and runs it on its
+    ExpertParallelDispatcher; dispatch/combine are the unpipelined seam in the last plan's mode
+    (expert parallel, mode 1, before the first run).
 
     Args:
         config: the layer's MoEConfig.
@@ -120,6 +126,17 @@ class ExpertParallel:
         """The planner's choice, reason and per-candidate timings (see Planner.report)."""
         return self.planner.report()
 
+    def _mode(self) -> int:
+        return self.last_plan.mode if self.last_plan is not None else (1 if 1 in self.modes else self.modes[0])
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Unpipelined dispatch in the current mode: (rows of this rank's experts [R, D], counts [E_b], handle).
+        Feed the rows to experts(x, counts, experts.weights(mode)) where mode = handle.mode."""
+        return self.dispatcher.dispatch(x_TD, routing, self._mode())
+
+    def combine(self, y_sorted: torch.Tensor, state: Any) -> torch.Tensor:
+        return self.dispatcher.combine(y_sorted, state)
+
     def __call__(
         self,
         x_TD: torch.Tensor,
@@ -127,7 +144,24 @@ class ExpertParallel:
         experts: ParallelExperts,
         shared_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """y_TD [T, D] = routed experts (+ shared experts, computed while the dispatch is in flight)."""
+        """Deprecated form of run: y_TD [T, D] = routed experts (+ shared_fn(x_TD))."""
+        warnings.warn(
+            "calling ExpertParallel(...) is deprecated; use run(x_TD, routing, experts, overlap) -> (y_TD, overlap)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        y_TD, shared = self.run(x_TD, routing, experts, shared_fn)
+        return y_TD if shared is None else y_TD + shared
+
+    def run(  # type: ignore[override]
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        experts: ParallelExperts,
+        overlap: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y_TD [T, D] of the routed experts, overlap(x_TD)) with the planned mode and pipelining;
+        overlap (the shared experts) runs while the dispatch is in flight."""
         if torch._C._current_graph_task_id() != -1 and self.last_plan is not None:
             # Recomputed inside backward (activation checkpointing): the plan of the forward, or
             # the recomputed tensors would not match the saved ones; and no timing from backward.
@@ -142,7 +176,7 @@ class ExpertParallel:
         marks: dict[str, float] = {}
         x_run = _OnGrad.apply(x_TD, lambda: self._record_pending(marks)) if with_backward else x_TD
         start = self._now(device, measure)
-        y_TD, shared = self.dispatcher.run(x_run, routing, experts, plan.mode, plan.chunks, shared_fn)
+        y_TD, shared = self.dispatcher.run(x_run, routing, experts, plan.mode, plan.chunks, overlap)
         if measure:
             forward = self._now(device, True) - start
             copies = int((routing.expert_ids >= 0).sum())
@@ -153,7 +187,7 @@ class ExpertParallel:
             else:
                 self._record_pending()
         self.last_plan = plan
-        return y_TD if shared is None else y_TD + shared
+        return y_TD, shared
 
     @staticmethod
     def _now(device: torch.device, sync: bool) -> float:

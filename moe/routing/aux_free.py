@@ -75,14 +75,30 @@ class AuxFreeRouter(Router):
             self.e_score_correction_bias = self.e_score_correction_bias.float()
         return self
 
-    def forward(
-        self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
-    ) -> Routing:
+    def _select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores s [T, E] fp32, ids [T, K] selected on s + b within the best groups)."""
         cfg = self.config
         logits = x_TD.float() @ self.weight.float().t()
         scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else F.softmax(logits, dim=-1)
         choice = scores.detach() + self.e_score_correction_bias.float()
-        ids = group_limited_topk(choice, self.top_k, cfg.n_group, cfg.topk_group, cfg.group_score)
+        return scores, group_limited_topk(choice, self.top_k, cfg.n_group, cfg.topk_group, cfg.group_score)
+
+    @staticmethod
+    def _probs(scores_TE: torch.Tensor) -> torch.Tensor:
+        return scores_TE / scores_TE.sum(-1, keepdim=True).clamp(min=1e-20)
+
+    @torch.no_grad()
+    def probe(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs [T, E] = s / sum(s), ids [T, K]) of forward with the current bias b; reads b, counts no
+        load (pending_load untouched) and adds no loss."""
+        scores, ids = self._select(x_TD)
+        return self._probs(scores), ids
+
+    def forward(
+        self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
+    ) -> Routing:
+        cfg = self.config
+        scores, ids = self._select(x_TD)
         weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -94,8 +110,7 @@ class AuxFreeRouter(Router):
         losses = {}
         if cfg.seq_aux_loss_coef > 0:
             losses["seq_balance"] = cfg.seq_aux_loss_coef * sequence_balance_loss(scores, ids, seq_len, token_mask)
-        probs = scores / scores.sum(-1, keepdim=True).clamp(min=1e-20)
-        return Routing(ids, weights, losses, probs.detach(), x_TD.shape[0] * self.top_k)
+        return Routing(ids, weights, losses, self._probs(scores).detach(), x_TD.shape[0] * self.top_k)
 
     @torch.no_grad()
     def update(self) -> None:

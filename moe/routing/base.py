@@ -1,4 +1,4 @@
-"""The router seam: route(x_TD) -> Routing.
+"""The router seam: route(x_TD) -> Routing, and probe(x_TD) -> (probs, ids) without side effects.
 
 Routers own their math and their state (aux-free bias, the recurrent GRU). They know nothing
 about devices or ranks, beyond an optional data-parallel group for load counts.
@@ -7,6 +7,7 @@ about devices or ranks, beyond an optional data-parallel group for load counts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -58,17 +59,49 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Base class of routers. Subclasses implement forward and may override update.
+    """Base class of routers. Subclasses implement forward and probe, and may override update.
 
     forward(x_TD, token_mask=None, seq_len=None) -> Routing
         x_TD: [T, D] tokens (any float dtype; routing math runs in fp32).
         token_mask: [T] bool, False for padding tokens, which are still routed but excluded
             from aux losses, statistics and load counts.
         seq_len: tokens per sequence when the input was [..., S, D] (sequence-wise losses).
+    probe(x_TD) -> (probs [T, E] fp32, ids [T, K] int64)
+        The routing forward would give in eval mode, without side effects (see probe).
+
+    Attributes:
+        probe_standalone: True when probe reads nothing but its input and the router's own
+            parameters and buffers, so it can score any hidden state (the offload forecaster
+            applies later layers' routers to the current input). False for routers whose probe
+            reads state carried between layers (the recurrent router's chain).
     """
 
     num_experts: int
     top_k: int
+    probe_standalone: ClassVar[bool] = True
+
+    def probe(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs [T, E] fp32, ids [T, K] int64) that forward(x_TD) would return in eval mode.
+
+        Side-effect free: no aux losses, no load counts or bias updates, no statistics, no RNG
+        draws (no jitter), no autograd graph, and no change to any buffer or carried state.
+        probs equals Routing.probs and ids Routing.expert_ids of that forward (-1 = unused slot).
+
+        Raises:
+            NotImplementedError: the router does not implement it (a custom router); callers
+                such as the offload forecaster then warn and do without a prediction.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement Router.probe(x_TD) -> (probs [T, E], ids [T, K]); "
+            "implement it (side-effect free: the routing forward gives in eval mode) to enable prediction"
+        )
+
+    @classmethod
+    def probe_many(cls, routers: list[Router], x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """probe of several routers of this class (same E and K) on one input, stacked:
+        (probs [T, A, E], ids [T, A, K]) for A routers. Subclasses may batch the math (top-k does)."""
+        probes = [r.probe(x_TD) for r in routers]
+        return torch.stack([p for p, _ in probes], 1), torch.stack([i for _, i in probes], 1)
 
     def update(self) -> None:
         """Called by moe.update_routers(model) after optimizer.step(); no-op by default."""

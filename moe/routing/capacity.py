@@ -7,11 +7,15 @@ the same choice rank, earlier tokens first. Copies past an expert's capacity are
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from moe.reference import sort_by_expert
+from moe.routing.base import Routing
+
+__all__ = ["expert_capacity", "apply_capacity", "drop_over_capacity"]
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -38,3 +42,31 @@ def apply_capacity(
     keep = ((ids_KT >= 0) & (rank < capacity)).view(k, num_tokens).t()
     dropped = ((expert_ids_TK >= 0) & ~keep).sum()
     return torch.where(keep, expert_ids_TK, -1), torch.where(keep, weights_TK, 0.0), dropped
+
+
+def drop_over_capacity(
+    routing: Routing,
+    x_TD: torch.Tensor,
+    num_experts: int,
+    capacity_factor: float,
+    token_mask_T: torch.Tensor | None = None,
+) -> tuple[Routing, torch.Tensor]:
+    """The routing with copies past each expert's capacity ceil(cf * T * K / E) dropped.
+
+    A token with a non-finite input or gate weight is routed nowhere first, so its values
+    cannot change who else fits; padding (token_mask_T False) takes no slot and is not counted.
+
+    Returns:
+        (routing with expert_ids -1 and weights 0 where dropped and max_copies bounded by E * capacity,
+         dropped: int64 scalar tensor, the number of real copies dropped).
+    """
+    finite = torch.isfinite(x_TD).all(dim=1, keepdim=True) & torch.isfinite(routing.weights).all(1, True)
+    if token_mask_T is not None:
+        finite = finite & token_mask_T.unsqueeze(1)
+    ids = torch.where(finite, routing.expert_ids, -1)
+    cap = expert_capacity(x_TD.shape[0], routing.expert_ids.shape[1], num_experts, capacity_factor)
+    ids, weights, dropped = apply_capacity(ids, routing.weights, num_experts, cap)
+    kept = dataclasses.replace(
+        routing, expert_ids=ids, weights=weights, max_copies=min(routing.max_copies, num_experts * cap)
+    )
+    return kept, dropped

@@ -34,9 +34,10 @@ class ExpertChoiceRouter(Router):
     def capacity(self, num_tokens: int) -> int:
         return min(num_tokens, math.ceil(num_tokens * self.config.capacity_factor / self.num_experts))
 
-    def forward(
-        self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
-    ) -> Routing:
+    def _choose(
+        self, x_TD: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(probs [T, E], chosen [T, E] bool, ids [T, E] with -1 where not chosen, capacity C)."""
         num_tokens, num_experts = x_TD.shape[0], self.num_experts
         probs = F.softmax(x_TD.float() @ self.weight.float().t(), dim=-1)
         selectable = torch.nan_to_num(probs.detach(), nan=-1.0)
@@ -48,5 +49,18 @@ class ExpertChoiceRouter(Router):
         chosen = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=x_TD.device)
         chosen[tokens_EC, experts_EC] = True
         ids = torch.where(chosen, torch.arange(num_experts, device=x_TD.device), -1)
+        return probs, chosen, ids, c
+
+    @torch.no_grad()
+    def probe(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs [T, E], ids [T, E], -1 where expert e did not choose token t) of forward on this
+        batch (expert choice depends on the whole batch: the same tokens give the same choice)."""
+        probs, _, ids, _ = self._choose(x_TD, None)
+        return probs, ids
+
+    def forward(
+        self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
+    ) -> Routing:
+        probs, chosen, ids, c = self._choose(x_TD, token_mask)
         weights = torch.where(chosen, probs, 0.0)
-        return Routing(ids, weights, {}, probs, num_experts * c)
+        return Routing(ids, weights, {}, probs, self.num_experts * c)

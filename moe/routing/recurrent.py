@@ -88,27 +88,36 @@ class RecurrentCore(nn.Module):
             "run backward sooner or do not checkpoint the layers of recurrent routers"
         )
 
+    def state_before(self, layer_index: int, x_TR: torch.Tensor) -> torch.Tensor:
+        """h_{i-1} [T, R] that step(layer_index, x_TR) would read now, without changing the chain:
+        zeros for layer 0, else the state router i-1 left in this forward pass.
+
+        Raises:
+            RuntimeError: router i-1 has not run in this pass (or on another number of tokens).
+        """
+        if layer_index == 0:
+            return x_TR.new_zeros(x_TR.shape[0], self.recurrent_dim)
+        h_last = self._h_last
+        if self._last_index != layer_index - 1 or h_last is None:
+            raise RuntimeError(
+                f"recurrent router {layer_index} ran before router {layer_index - 1} in this forward "
+                f"pass (last ran: {self._last_index}); layers must run in the order they were tied "
+                "(moe.tie_recurrent_routers(model) ties them in module order)"
+            )
+        if h_last.shape[0] != x_TR.shape[0]:
+            raise RuntimeError(
+                f"recurrent router {layer_index} got {x_TR.shape[0]} tokens but router "
+                f"{layer_index - 1} got {h_last.shape[0]}; all tied layers must see the same tokens"
+            )
+        return h_last
+
     def step(self, layer_index: int, x_TR: torch.Tensor) -> torch.Tensor:
         """h_i = GRUCell(x_TR, h_{i-1}) for the router at layer_index; returns h_i [T, R]."""
         if _in_backward() and self._h_in.get(layer_index):
             return self._recompute(layer_index, x_TR)
+        h_prev = self.state_before(layer_index, x_TR)
         if layer_index == 0:
             self._h_last, self._last_index = None, -1
-            h_prev = x_TR.new_zeros(x_TR.shape[0], self.recurrent_dim)
-        else:
-            h_last = self._h_last
-            if self._last_index != layer_index - 1 or h_last is None:
-                raise RuntimeError(
-                    f"recurrent router {layer_index} ran before router {layer_index - 1} in this forward "
-                    f"pass (last ran: {self._last_index}); layers must run in the order they were tied "
-                    "(moe.tie_recurrent_routers(model) ties them in module order)"
-                )
-            if h_last.shape[0] != x_TR.shape[0]:
-                raise RuntimeError(
-                    f"recurrent router {layer_index} got {x_TR.shape[0]} tokens but router "
-                    f"{layer_index - 1} got {h_last.shape[0]}; all tied layers must see the same tokens"
-                )
-            h_prev = h_last
         if torch.is_grad_enabled():
             # Recomputation must save the same tensors as this forward: keep requires_grad.
             kept = self._h_in.setdefault(layer_index, deque(maxlen=MAX_PASSES))
@@ -119,7 +128,13 @@ class RecurrentCore(nn.Module):
 
 
 class RecurrentRouter(Router):
-    """RMoE router of one layer: W1 (proj_in), the shared core's GRU, W2 (proj_out)."""
+    """RMoE router of one layer: W1 (proj_in), the shared core's GRU, W2 (proj_out).
+
+    probe reads (never writes) the chain state h_{i-1} carried from the previous layer's router,
+    so it is not standalone: a forecaster cannot apply it to another layer's hidden state.
+    """
+
+    probe_standalone = False
 
     def __init__(
         self,
@@ -144,12 +159,29 @@ class RecurrentRouter(Router):
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
-        x = x_TD.float()
-        h = self.core.step(self.layer_index, self.proj_in(x.to(self.proj_in.weight.dtype)).float())
+        h = self.core.step(self.layer_index, self._project(x_TD))
         logits = (h @ self.proj_out.weight.float().t()).float()
         probs, weights, ids = softmax_topk(logits, self.top_k, self.config.norm_topk_prob)
         losses = router_losses(logits, probs, ids, self.config.aux_loss_coef, self.config.z_loss_coef, token_mask)
         return Routing(ids, weights, losses, probs, x_TD.shape[0] * self.top_k)
+
+    def _project(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.proj_in(x_TD.float().to(self.proj_in.weight.dtype)).float()
+
+    @torch.no_grad()
+    def probe(self, x_TD: torch.Tensor, h_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs [T, E], ids [T, K]) forward would give now, without advancing the chain.
+
+        State used: h_{i-1} [T, R], the GRU state entering this layer: `h_prev` when given, else
+        zeros for layer 0 and, for layer i > 0, the state router i-1 left in the current forward
+        pass (RecurrentCore.state_before; RuntimeError when router i-1 has not run in it). The
+        chain, the kept activation-checkpoint states and the RNG are not touched.
+        """
+        x_TR = self._project(x_TD)
+        h_in = self.core.state_before(self.layer_index, x_TR) if h_prev is None else h_prev
+        h = self.core.cell(x_TR, h_in.to(x_TR.dtype))
+        probs, _, ids = softmax_topk((h @ self.proj_out.weight.float().t()).float(), self.top_k, False)
+        return probs, ids
 
 
 def tie_recurrent_routers(model: nn.Module, core: RecurrentCore | None = None) -> RecurrentCore:

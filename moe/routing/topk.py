@@ -58,3 +58,22 @@ class TopKRouter(Router):
         probs, weights, ids = softmax_topk(logits, self.top_k, self.config.norm_topk_prob)
         losses = router_losses(logits, probs, ids, self.config.aux_loss_coef, self.config.z_loss_coef, token_mask)
         return Routing(ids, weights, losses, probs, x_TD.shape[0] * self.top_k)
+
+    @classmethod
+    @torch.no_grad()
+    def probe_many(cls, routers: list[Router], x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked probes with one softmax and one top-k over all A routers: the op count does not
+        grow with A (at batch 1 a decode step pays per op, not for the math)."""
+        if not all(type(r).probe is TopKRouter.probe for r in routers):  # a subclass changed the math
+            return super().probe_many(routers, x_TD)
+        a, e, k = len(routers), routers[0].num_experts, routers[0].top_k
+        x = x_TD.float()
+        logits = torch.cat([x @ r.weight.float().t() for r in routers], dim=-1)  # type: ignore[operator]
+        probs_TAE = F.softmax(logits.view(-1, a, e), dim=-1)
+        return probs_TAE, probs_TAE.topk(k, dim=-1).indices
+
+    @torch.no_grad()
+    def probe(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs [T, E] fp32, ids [T, K]) of forward in eval mode (no jitter); no side effects."""
+        probs, _, ids = softmax_topk(x_TD.float() @ self.weight.float().t(), self.top_k, False)
+        return probs, ids
