@@ -86,6 +86,75 @@ def tiny_config(family: str) -> Any:
         config = tiny_config("deepseek_v2")
         config.topk_method, config.n_group, config.topk_group = "group_limited_greedy", 4, 2
         return config
+    if family == "glm4_moe":
+        return t.Glm4MoeConfig(
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            first_k_dense_replace=1,
+            head_dim=8,
+            **_COMMON,
+        )
+    if family == "dots1":
+        return t.Dots1Config(
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            n_shared_experts=2,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            first_k_dense_replace=1,
+            head_dim=8,
+            **_COMMON,
+        )
+    if family == "minimax":
+        return t.MiniMaxConfig(num_local_experts=6, num_experts_per_tok=2, head_dim=8, **_COMMON)
+    if family == "qwen3_next":
+        return t.Qwen3NextConfig(
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=True,
+            head_dim=8,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+            **_COMMON,
+        )
+    if family == "jamba":
+        return t.JambaConfig(
+            num_experts=6,
+            num_experts_per_tok=2,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+            use_mamba_kernels=False,
+            **_COMMON,
+        )
+    if family == "granitemoe":
+        return t.GraniteMoeConfig(num_local_experts=6, num_experts_per_tok=2, **_COMMON)
+    if family == "granitemoeshared":
+        return t.GraniteMoeSharedConfig(
+            num_local_experts=6, num_experts_per_tok=2, shared_intermediate_size=40, **_COMMON
+        )
+    if family == "phimoe":
+        return t.PhimoeConfig(num_local_experts=6, num_experts_per_tok=2, **_COMMON)
+    if family == "gpt_oss":
+        return t.GptOssConfig(num_local_experts=6, num_experts_per_tok=2, head_dim=8, **_COMMON)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -98,6 +167,14 @@ BLOCK_CLASSES = {
     "deepseek_v3": ("deepseek_v3", "DeepseekV3MoE"),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2Moe"),
     "deepseek_v2_group": ("deepseek_v2", "DeepseekV2Moe"),
+    "glm4_moe": ("glm4_moe", "Glm4MoeMoE"),
+    "dots1": ("dots1", "Dots1MoE"),
+    "minimax": ("minimax", "MiniMaxSparseMoeBlock"),
+    "qwen3_next": ("qwen3_next", "Qwen3NextSparseMoeBlock"),
+    "jamba": ("jamba", "JambaSparseMoeBlock"),
+    "granitemoe": ("granitemoe", "GraniteMoeMoE"),
+    "granitemoeshared": ("granitemoeshared", "GraniteMoeSharedMoE"),
+    "phimoe": ("phimoe", "PhimoeSparseMoeBlock"),
 }
 
 FAMILIES = tuple(BLOCK_CLASSES)
@@ -119,10 +196,13 @@ def block_output(out: Any) -> torch.Tensor:
 def hf_routing(block: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(weights [T, K], expert ids [T, K]) of the block's own router, or None where the gate is a
     plain Linear (4.57's Mixtral/Qwen/OLMoE: the top-k happens inside the block's forward)."""
-    gate = block.gate
     if TRANSFORMERS_5:
+        from moe.integrations.hf_families import spec_for
+
+        gate = getattr(block, spec_for(block).router_attr)  # "gate" or "router" (Granite)
         _, weights, ids = gate(x_TD)
         return weights, ids
+    gate = block.gate
     if isinstance(gate, nn.Linear):
         return None
     ids, weights = gate(x_TD.unsqueeze(0) if type(gate).__name__ == "DeepseekV2MoEGate" else x_TD)

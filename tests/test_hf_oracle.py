@@ -13,12 +13,20 @@ from conftest import assert_close
 from hf_tiny import DIM, FAMILIES, block_class, block_output, expert_tensors, hf_routing, tiny_config
 from torch import nn
 
+from moe.integrations.hf_families import spec_for
 from moe.integrations.transformers import HFMoEBlock, from_hf, patch
+from moe.routing.sparsemixer import sparsemixer_eval
 
 # (batch, seq): 21 tokens (not a power of two) and a single token.
 SHAPES = [(3, 7), (1, 1)]
 
-ROUTER_STD = {"deepseek_v3": 0.15}  # sigmoid scores stay clear of fp32 ties at 1.0
+ROUTER_STD = {"deepseek_v3": 0.15, "glm4_moe": 0.15, "dots1": 0.15}
+UNSORTED_TOPK = ("deepseek", "glm4_moe", "dots1")  # HF's top-k is unsorted: compare as sets
+
+
+def hf_router(block: nn.Module) -> nn.Module:
+    router: nn.Module = getattr(block, spec_for(block).router_attr)
+    return router  # sigmoid scores stay clear of fp32 ties at 1.0
 
 
 @pytest.fixture(autouse=True)
@@ -32,12 +40,12 @@ def make_block(family: str) -> nn.Module:
     block = block_class(family)(tiny_config(family))
     with torch.no_grad():
         for name, param in block.named_parameters():
-            std = ROUTER_STD.get(family, 0.5) if name == "gate.weight" else 0.2
+            std = ROUTER_STD.get(family, 0.5) if name in ("gate.weight", "router.weight") else 0.2
             param.copy_(torch.randn_like(param) * std)
-        bias = getattr(block.gate, "e_score_correction_bias", None)
+        bias = getattr(hf_router(block), "e_score_correction_bias", None)
         if bias is not None:
             bias.copy_(torch.randn_like(bias) * 0.1)
-    return block
+    return block.eval()  # PhiMoE's sparsemixer samples in training mode
 
 
 def sorted_routing(ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +66,7 @@ def test_routing_matches_hf_router(family: str, shape: tuple[int, int]) -> None:
     hf_weights, hf_ids = hf
     routing = layer.router(x_TD)
     ours_ids, ours_w = routing.expert_ids, routing.weights
-    if family.startswith("deepseek"):  # HF's top-k is unsorted
+    if family.startswith(UNSORTED_TOPK):
         hf_ids, hf_weights = sorted_routing(hf_ids, hf_weights)
         ours_ids, ours_w = sorted_routing(ours_ids, ours_w)
     assert torch.equal(ours_ids, hf_ids)
@@ -109,7 +117,7 @@ def test_block_forward_and_gradients_match_hf(family: str, shape: tuple[int, int
     gate_up_grad, down_grad = expert_tensors(block, grad=True)
     assert_close(layer.experts.w_in.grad, gate_up_grad.transpose(1, 2))
     assert_close(layer.experts.w_out.grad, down_grad.transpose(1, 2))
-    assert_close(layer.router.weight.grad, block.gate.weight.grad)
+    assert_close(layer.router.weight.grad, hf_router(block).weight.grad)
     shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
     if shared is not None:
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -245,11 +253,10 @@ def test_unsupported_block_names_class_and_supported_list() -> None:
         TypeError, match=r"Linear is not a supported .*supported: MixtralSparseMoeBlock, .*DeepseekV3MoE"
     ):
         from_hf(nn.Linear(4, 4))
-    phimoe = pytest.importorskip("transformers.models.phimoe.modeling_phimoe")
-    from transformers import PhimoeConfig
+    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
 
-    block = phimoe.PhimoeSparseMoeBlock(PhimoeConfig(hidden_size=DIM, intermediate_size=16, num_local_experts=4))
-    with pytest.raises(TypeError, match="PhimoeSparseMoeBlock is not a supported"):
+    block = gpt_oss.GptOssMLP(tiny_config("gpt_oss"))
+    with pytest.raises(TypeError, match="GptOssMLP is not a supported"):
         from_hf(block)
 
 
@@ -291,3 +298,18 @@ def test_deepseek_v2_group_limit_matters() -> None:
     ours = layer.router(x_TD).expert_ids.sort(1).values
     assert not torch.equal(ours, plain)
     assert torch.equal(ours, hf_routing(block, x_TD)[1].sort(1).values)  # type: ignore[index]
+
+
+def test_phimoe_sparsemixer_matches_hf_and_refuses_training() -> None:
+    """The window of the second pick matters: some tokens' weights differ from plain softmax top-2."""
+    phimoe = pytest.importorskip("transformers.models.phimoe.modeling_phimoe")
+    scores = torch.randn(256, 6) * 3
+    for eps in (0.01, 0.5):
+        w_hf, ids_hf = phimoe.sparsemixer(scores, jitter_eps=eps, training=False, top_k=2)
+        w, ids = sparsemixer_eval(scores, eps)
+        assert torch.equal(ids, ids_hf)
+        assert torch.equal(w, w_hf)
+    layer = from_hf(make_block("phimoe"))
+    layer.train()
+    with pytest.raises(NotImplementedError, match="training-mode sparsemixer"):
+        layer(torch.randn(2, 3, DIM))

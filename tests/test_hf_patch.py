@@ -6,6 +6,8 @@ and the same greedy generate() tokens as the unpatched one.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import assert_close
@@ -13,7 +15,7 @@ from hf_tiny import TRANSFORMERS_5, block_class, tiny_config, transformers
 from torch import nn
 
 import moe
-from moe.integrations.transformers import HFMoEBlock, from_hf, patch
+from moe.integrations.transformers import HFMoEBlock, from_hf, patch, scan, unpatch
 
 # family -> MoE blocks expected in the 2-layer model (Qwen2-MoE and DeepSeek keep one dense layer).
 EXPECTED_BLOCKS = {
@@ -24,6 +26,14 @@ EXPECTED_BLOCKS = {
     "deepseek_v3": 1,
     "deepseek_v2": 1,
     "deepseek_v2_group": 1,
+    "glm4_moe": 1,
+    "dots1": 1,
+    "minimax": 2,
+    "qwen3_next": 2,
+    "jamba": 2,
+    "granitemoe": 2,
+    "granitemoeshared": 2,
+    "phimoe": 2,
 }
 
 
@@ -100,13 +110,67 @@ def test_patch_counts_zero_and_rejects_a_bare_block() -> None:
     assert isinstance(from_hf(block), moe.MoE)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_patch_turns_off_hf_router_logits_with_a_warning(family: str) -> None:
-    """HF's own balance loss would index router logits the patched blocks no longer record."""
-    model = tiny_model(family).train()
+# Families whose HF CausalLM computes a load-balancing loss from output_router_logits.
+AUX_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "minimax", "qwen3_next", "jamba", "granitemoe", "phimoe"]
+
+
+@pytest.mark.parametrize("family", AUX_FAMILIES)
+def test_output_router_logits_gives_hf_aux_loss_from_our_routers(family: str) -> None:
+    model = tiny_model(family)
     model.config.output_router_logits = True
-    with pytest.warns(UserWarning, match="output_router_logits"):
-        patch(model, aux_loss_coef=1e-2)
     ids = torch.randint(3, 64, (2, 9))
+    ref = model(input_ids=ids, labels=ids)
+    assert ref.aux_loss is not None and ref.aux_loss > 0
+    patch(model)
     out = model(input_ids=ids, labels=ids)
-    assert torch.isfinite(out.loss) and moe.aux_loss(model) > 0
+    assert_close(out.aux_loss, ref.aux_loss)
+    assert_close(out.loss, ref.loss)
+    assert len(out.router_logits) == EXPECTED_BLOCKS[family]
+    out.aux_loss.backward()
+    routers = [m.moe.router.weight.grad for m in model.modules() if isinstance(m, HFMoEBlock)]
+    assert all(g is not None and g.abs().sum() > 0 for g in routers)  # the loss reaches our routers
+
+
+@pytest.mark.parametrize("family", list(EXPECTED_BLOCKS))
+def test_unpatch_save_pretrained_loads_into_the_hf_class(family: str, tmp_path: Path) -> None:
+    """A patched, then changed (as by fine-tuning) model goes back to HF's classes and checkpoint names."""
+    model = tiny_model(family)
+    ids = torch.randint(3, 64, (2, 9))
+    n = patch(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        logits = model(input_ids=ids).logits
+    assert unpatch(model) == n
+    assert sum(isinstance(m, block_class(family)) for m in model.modules()) == n
+    assert not any(isinstance(m, HFMoEBlock) for m in model.modules())
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, logits)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, logits)
+
+
+def test_gpt_oss_is_left_untouched_with_the_reason() -> None:
+    model = tiny_model("gpt_oss")
+    with pytest.warns(UserWarning, match=r"left 2 block\(s\) untouched: model.layers.0.mlp \(GptOssMLP\): .*biases"):
+        assert patch(model) == 0
+    reports = scan(model)
+    assert [(r.block_class, r.family) for r in reports] == [("GptOssMLP", None)] * 2
+    with pytest.raises(TypeError, match="cannot convert model.layers.0.mlp"):
+        patch(model, strict=True)
+
+
+def test_scan_reports_an_unknown_block_and_patch_skips_it() -> None:
+    class SomeNewMoeBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(4, 2, bias=False)
+            self.experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    model = nn.Sequential(SomeNewMoeBlock())
+    (report,) = scan(model)
+    assert report.family is None and "not a recognised" in str(report.reason)
+    with pytest.warns(UserWarning, match="SomeNewMoeBlock"):
+        assert patch(model) == 0

@@ -208,3 +208,28 @@ def test_cuda_tokens_match_in_memory_model(mixtral, policy: str, per_layer: int,
             assert stats.copies > 0 and stats.cpu_misses == 0
     finally:
         om.close()
+
+
+# Families added by issue 16, from the shared tiny configs (D=32): tokens equal the in-memory model.
+@pytest.mark.parametrize(
+    "family", ["glm4_moe", "dots1", "minimax", "qwen3_next", "jamba", "granitemoe", "granitemoeshared", "phimoe"]
+)
+def test_more_families(family: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from hf_tiny import tiny_config
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    path = str(tmp_path_factory.mktemp(family))
+    model.save_pretrained(path)
+    full = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    expected = full.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+    experts = [m for m in full.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)]
+    _, two_i, d = experts[0].gate_up_proj.shape
+    budget = len(experts) * 2 * (d * two_i + two_i // 2 * d) * 4  # two experts per layer
+    om = mo.load(path, "cpu", budget, "lru")
+    try:
+        assert torch.equal(om.model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False), expected)
+        assert om.runtime.residency.peak_bytes <= budget
+    finally:
+        om.close()

@@ -29,8 +29,8 @@ PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
 
 def read_option(block: nn.Module, *names: str, default: Any = _MISSING) -> Any:
-    """First attribute among `names` on block.gate, then block, then block.config."""
-    holders = [getattr(block, "gate", None), block, getattr(block, "config", None)]
+    """First attribute among `names` on block.gate (or block.router), then block, then block.config."""
+    holders = [getattr(block, "gate", None), getattr(block, "router", None), block, getattr(block, "config", None)]
     for holder in holders:
         for name in names:
             value = getattr(holder, name, _MISSING) if holder is not None else _MISSING
@@ -50,6 +50,25 @@ def _mixtral_router(block: nn.Module) -> RouterConfig:
 
 def _softmax_topk_router(block: nn.Module) -> RouterConfig:
     return TopKConfig(norm_topk_prob=bool(read_option(block, "norm_topk_prob")), aux_loss_coef=0.0)
+
+
+def _unnormalised_topk_router(block: nn.Module) -> RouterConfig:
+    # Jamba: softmax top-k weights left unnormalised.
+    return TopKConfig(norm_topk_prob=False, aux_loss_coef=0.0)
+
+
+def _normalised_topk_router(block: nn.Module) -> RouterConfig:
+    # Granite-MoE: softmax over the top-k logits == the top-k softmax probabilities renormalised.
+    return TopKConfig(norm_topk_prob=True, aux_loss_coef=0.0)
+
+
+def _sparsemixer_router(block: nn.Module) -> Any:
+    from moe.routing.sparsemixer import SparseMixerConfig
+
+    top_k = int(read_option(block, "top_k", "num_experts_per_tok"))
+    if top_k != 2:
+        raise TypeError(f"{type(block).__name__}: sparsemixer routing is defined for top_k=2 only, got {top_k}")
+    return SparseMixerConfig(jitter_eps=float(read_option(block, "router_jitter_noise")))
 
 
 def _deepseek_v3_router(block: nn.Module) -> RouterConfig:
@@ -96,15 +115,21 @@ class FamilySpec:
         shared_expert_gate: attribute of the Linear(D, 1) whose sigmoid scales the shared MLP, or None.
         per_expert_returns_logits: 4.57-style (per-expert) blocks of this family returned
             (hidden [B, S, D], router_logits [T, E]) instead of a tensor; 5.x blocks all return a tensor.
+        router_attr: attribute of the block's router (a module with weight [E, D]): "gate" or "router".
+        router_logits_fp32: HF computes the router logits from fp32 copies of x and W (GLM-4.5,
+            dots1, DeepSeek-V3); otherwise in the model dtype. Used for output_router_logits and
+            routing_dtype="model".
     """
 
     family: str
     block_classes: tuple[str, ...]
     router: str
-    router_config: Callable[[nn.Module], RouterConfig]
+    router_config: Callable[[nn.Module], Any]
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
     per_expert_returns_logits: bool = False
+    router_attr: str = "gate"
+    router_logits_fp32: bool = False
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -122,6 +147,37 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("OLMoE", ("OlmoeSparseMoeBlock",), "topk", _softmax_topk_router, per_expert_returns_logits=True),
     FamilySpec("DeepSeek-V3", ("DeepseekV3MoE",), "aux_free", _deepseek_v3_router, shared_expert="shared_experts"),
     FamilySpec("DeepSeek-V2", ("DeepseekV2Moe", "DeepseekV2MoE"), "aux_free", _deepseek_v2_router, "shared_experts"),
+    # DeepSeek-V3 routing (sigmoid, group-limited top-k with e_score_correction_bias, scaled),
+    # ungated shared experts; the router computes its logits in fp32.
+    FamilySpec(
+        "GLM-4.5",
+        ("Glm4MoeMoE", "Glm4MoeLiteMoE", "Glm4vMoeTextMoE"),
+        "aux_free",
+        _deepseek_v3_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+    ),
+    FamilySpec(
+        "dots1", ("Dots1MoE",), "aux_free", _deepseek_v3_router, shared_expert="shared_experts", router_logits_fp32=True
+    ),
+    FamilySpec("MiniMax", ("MiniMaxSparseMoeBlock",), "topk", _mixtral_router),
+    FamilySpec(
+        "Qwen3-Next",
+        ("Qwen3NextSparseMoeBlock",),
+        "topk",
+        _softmax_topk_router,
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+    ),
+    FamilySpec("Jamba", ("JambaSparseMoeBlock",), "topk", _unnormalised_topk_router, router_attr="router"),
+    FamilySpec(
+        "Granite-MoE",
+        ("GraniteMoeMoE", "GraniteMoeSharedMoE"),
+        "topk",
+        _normalised_topk_router,
+        router_attr="router",
+    ),
+    FamilySpec("PhiMoE", ("PhimoeSparseMoeBlock",), "sparsemixer", _sparsemixer_router, router_attr="router"),
 )
 
 SPECS_BY_CLASS: dict[str, FamilySpec] = {name: spec for spec in FAMILIES for name in spec.block_classes}

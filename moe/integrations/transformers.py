@@ -3,29 +3,38 @@
     layer = from_hf(model.model.layers[0].mlp)   # same routing and outputs, weights copied
     n = patch(model)                             # every supported block now runs moe.MoE
 
+    n = unpatch(model)                           # the HF blocks back, with our (fine-tuned) weights
+    scan(model)                                  # which blocks patch() converts, and why others not
+
 Supported blocks (transformers 5.x fused experts, and 4.57-style per-expert ModuleLists):
 Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, OLMoE, DeepSeek-V3 (aux-loss-free
 router, group-limited selection, ungated shared experts), DeepSeek-V2 (softmax, greedy or
-group_limited_greedy).
+group_limited_greedy), GLM-4.5 / GLM-4.5-lite / GLM-4.5V text (DeepSeek-V3 routing), dots1,
+MiniMax, Qwen3-Next, Jamba, Granite-MoE (+Shared: its shared_mlp sits outside the block and stays
+HF's), PhiMoE (sparsemixer top-2, eval mode only: training-mode sparsemixer samples and raises).
+Blocks that hold `experts` but are not one of these are left untouched with a warning naming the
+block and the reason (GPT-OSS: expert biases and clamped SwiGLU; unknown classes: unverified math).
 transformers itself is never imported: blocks are recognised by class name (moe.integrations.hf_families).
+
+After patch(): output_router_logits=True works (our blocks hand HF's output collector the router
+logits, so HF's own aux loss comes from our routers); moe.aux_loss(model) also works.
+unpatch(model) before save_pretrained gives a checkpoint the unpatched HF class loads.
 
 Differences that remain, by design:
     - Our routers compute logits in fp32 from fp32 copies of x and W; HF's Mixtral/Qwen/OLMoE
       routers compute them in the model dtype first, so bf16/fp16 routing can differ on near-ties
-      (fp32 models match exactly).
-    - HF blocks compute no loss; the model adds one only with output_router_logits. After patch()
-      HF sees no router logits: use moe.aux_loss(model) (set aux_loss_coef / seq_aux_loss_coef via
-      router overrides) and moe.update_routers(model) for DeepSeek-V3's bias.
+      (fp32 models match exactly). There is no routing-dtype option yet.
     - Mixtral's training jitter multiplies the expert input too in HF; ours scales the router input only.
     - DeepSeek-V3 on 4.57 masked dropped groups with 0.0 (a bug); we use -inf like 5.x.
-    - A patched model's state_dict uses our names (...mlp.moe.experts.w_in), so save_pretrained
-      output no longer loads into the unpatched HF class; there is no converter back yet.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.integrations.hf_families import (
+    PER_EXPERT_NAMES,
     SUPPORTED_BLOCKS,
     FamilySpec,
     check_silu,
@@ -41,8 +51,20 @@ from moe.integrations.hf_families import (
     spec_for,
 )
 from moe.layer import MoE
+from moe.routing import Router
+from moe.routing.sparsemixer import SparseMixerRouter
 
-__all__ = ["from_hf", "patch", "HFMoEBlock", "SUPPORTED_BLOCKS"]
+__all__ = [
+    "from_hf",
+    "patch",
+    "unpatch",
+    "to_hf",
+    "scan",
+    "BlockReport",
+    "HFMoEBlock",
+    "SUPPORTED_BLOCKS",
+    "REFUSED_BLOCKS",
+]
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
@@ -64,12 +86,15 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
     check_silu(block)
     weights = expert_weights(block)
     num_experts, dim, width = weights.w_in.shape
-    router_weight: torch.Tensor = block.gate.weight  # type: ignore[union-attr,assignment]
+    gate = getattr(block, spec.router_attr)
+    router_weight: torch.Tensor = gate.weight
     if tuple(router_weight.shape) != (num_experts, dim):
         raise TypeError(
-            f"{type(block).__name__}.gate.weight has shape {tuple(router_weight.shape)}, expected "
+            f"{type(block).__name__}.{spec.router_attr}.weight has shape {tuple(router_weight.shape)}, expected "
             f"[num_experts, dim] = [{num_experts}, {dim}]"
         )
+    if getattr(gate, "bias", None) is not None:
+        raise TypeError(f"{type(block).__name__}.{spec.router_attr} has a bias; our routers have none")
     router_config = spec.router_config(block)
     if overrides:
         allowed = {f.name for f in dataclasses.fields(router_config)}
@@ -85,23 +110,27 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
     shared_gate = getattr(block, spec.shared_expert_gate) if spec.shared_expert_gate else None
     shared_hidden = int(shared.down_proj.weight.shape[1]) if shared is not None else None
 
+    router: str | Router = spec.router
+    if spec.router == "sparsemixer":
+        with torch.device(router_weight.device):
+            router = SparseMixerRouter(dim, num_experts, top_k, router_config)
     with torch.device(router_weight.device):
         layer = MoE(
             dim,
             width // 2,
             num_experts,
             top_k,
-            spec.router,
+            router,
             num_shared_experts=1 if shared is not None else 0,
             shared_expert_hidden_dim=shared_hidden,
             shared_expert_gate=shared_gate is not None,
             backend=backend,
-            router_config=router_config,
+            router_config=None if isinstance(router, Router) else router_config,
         )
     _copy_into(layer.experts.w_in, weights.w_in)
     _copy_into(layer.experts.w_out, weights.w_out)
     _copy_into(_tensor(layer.router, "weight"), router_weight)
-    bias = getattr(block.gate, "e_score_correction_bias", None)
+    bias = getattr(gate, "e_score_correction_bias", None)
     if spec.router == "aux_free" and isinstance(bias, torch.Tensor):
         _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float())  # the bias stays fp32 in any dtype
     if shared is not None:
@@ -142,69 +171,230 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **router_overrides: Any)
     return layer
 
 
+def _hf_collector() -> dict[str, Any] | None:
+    """transformers' active output collector (5.x output_router_logits), if transformers is loaded."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    active = getattr(capturing, "_active_collector", None)
+    if active is None:
+        return None
+    collected: dict[str, Any] | None = active.get()
+    return collected
+
+
 class HFMoEBlock(nn.Module):
     """Stands in for a Hugging Face sparse MoE block inside a transformers model.
 
     forward(hidden_states [B, S, D]) returns what the replaced block returned: the hidden states
     [B, S, D] (transformers 5.x), or (hidden_states, router_logits [B*S, E]) for 4.57-style
-    Mixtral/Qwen/OLMoE blocks.
+    Mixtral/Qwen/OLMoE blocks. When the model runs with output_router_logits=True, the router
+    logits [B*S, E] (x W^T, in the dtype HF computes them in) are handed to transformers' output
+    collector, so HF's own load-balancing loss is computed from our router.
+
+    The replaced HF block is kept as an empty skeleton on the meta device (no memory, not in
+    state_dict) so that unpatch() can rebuild it from our weights.
     """
 
-    def __init__(self, layer: MoE, returns_router_logits: bool, source: str) -> None:
+    def __init__(self, layer: MoE, returns_router_logits: bool, source: str, spec: FamilySpec | None = None) -> None:
         super().__init__()
         self.moe = layer
         self.returns_router_logits = returns_router_logits
         self.source = source
+        self.spec = spec
+        self._hf_skeleton: nn.Module | None = None  # set by patch(); a plain attribute, not a submodule
+
+    def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[T, E] logits as the HF router computes them (model dtype, or fp32 for GLM-4.5 / dots1 / DeepSeek-V3)."""
+        x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weight = _tensor(self.moe.router, "weight")
+        if self.spec is not None and self.spec.router_logits_fp32:
+            return F.linear(x_TD.float(), weight.float())
+        return F.linear(x_TD, weight.to(x_TD.dtype))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.moe(hidden_states)
+        collected = _hf_collector()
+        if collected is not None and "router_logits" in collected:
+            collected["router_logits"].append(self.router_logits(hidden_states))
         if not self.returns_router_logits:
             return out
-        logits_TE = F.linear(hidden_states.reshape(-1, hidden_states.shape[-1]), _tensor(self.moe.router, "weight"))
-        return out, logits_TE
+        return out, self.router_logits(hidden_states)
 
     def extra_repr(self) -> str:
         return f"replaces={self.source}, returns_router_logits={self.returns_router_logits}"
 
 
-def patch(model: nn.Module, *, backend: str = "auto", **router_overrides: Any) -> int:
+# Blocks we recognise but cannot express exactly, and why (patch leaves them untouched).
+REFUSED_BLOCKS: dict[str, str] = {
+    "GptOssMLP": (
+        "GPT-OSS experts have biases (gate_up_proj_bias, down_proj_bias), a clamped SwiGLU "
+        "((up + 1) * gate * sigmoid(alpha * gate), clamped at limit) on interleaved gate/up columns and a "
+        "router bias with softmax over the top-k logits; moe.MoE experts are bias-free silu(gate) * up"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One MoE-like block found by scan(): converted (family set, reason None) or left untouched (reason)."""
+
+    name: str
+    block_class: str
+    family: str | None
+    reason: str | None
+
+
+def _looks_like_moe(module: nn.Module) -> bool:
+    if type(module).__module__.split(".")[0] == "moe":
+        return False
+    if type(module).__name__ in SUPPORTED_BLOCKS or type(module).__name__ in REFUSED_BLOCKS:
+        return True
+    return isinstance(getattr(module, "experts", None), nn.Module)
+
+
+def _refusal(block: nn.Module) -> str | None:
+    """None if patch() can convert block exactly, else why not."""
+    name = type(block).__name__
+    if name in REFUSED_BLOCKS:
+        return REFUSED_BLOCKS[name]
+    if name not in SUPPORTED_BLOCKS:
+        return "not a recognised sparse-MoE family: its routing and expert math are unverified"
+    try:
+        spec = spec_for(block)
+        check_silu(block)
+        expert_weights(block)
+        spec.router_config(block)
+        gate = getattr(block, spec.router_attr)
+        if getattr(gate, "bias", None) is not None:
+            return f"{spec.router_attr} has a bias; our routers have none"
+    except TypeError as e:
+        return str(e)
+    return None
+
+
+def scan(model: nn.Module) -> list[BlockReport]:
+    """Every sparse-MoE-like block in `model` (a module holding `experts`, or a known class), outermost
+    only, with the family patch() would convert it as, or the reason it leaves it untouched."""
+    reports: list[BlockReport] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside) or not name or not _looks_like_moe(module):
+            continue
+        inside.append(name)
+        reason = _refusal(module)
+        family = None if reason is not None else spec_for(module).family
+        reports.append(BlockReport(name, type(module).__name__, family, reason))
+    return reports
+
+
+def patch(model: nn.Module, *, backend: str = "auto", strict: bool = False, **router_overrides: Any) -> int:
     """Replaces every supported sparse MoE block inside `model` in place with an HFMoEBlock.
 
-    Weights are copied, then the HF block is dropped from the model. Logits, losses and
-    generate() stay the same (fp32); HF's output_router_logits no longer sees routers (use
-    moe.aux_loss(model)).
+    Weights are copied, then the HF block is dropped from the model (kept as an empty meta
+    skeleton for unpatch()). Logits, losses, output_router_logits / HF's aux loss and generate()
+    stay the same (fp32).
+
+    Blocks that look like MoE blocks (they hold `experts`) but whose math moe.MoE cannot express
+    exactly are left untouched, with one UserWarning naming each block and why (scan(model)
+    returns the same report); strict=True raises TypeError instead.
 
     Args:
         model: any nn.Module, typically a transformers PreTrainedModel.
         backend, **router_overrides: as in from_hf, applied to every block.
+        strict: raise on the first block left untouched instead of warning.
 
     Returns:
         The number of blocks replaced (0 if none is supported).
 
     Raises:
         ValueError: `model` itself is a supported block (use from_hf for that).
-        TypeError: as in from_hf, for a supported class with an unsupported layout.
+        TypeError: strict=True and some block cannot be converted.
     """
     if type(model).__name__ in SUPPORTED_BLOCKS:
         raise ValueError(
             f"patch() replaces blocks inside a model; for a bare {type(model).__name__} call from_hf(block)"
         )
-    targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ in SUPPORTED_BLOCKS]
-    config = getattr(model, "config", None)
-    if targets and config is not None and getattr(config, "output_router_logits", False):
-        # HF would look for router logits the patched blocks no longer record, and fail inside
-        # its load_balancing_loss_func; the balance loss now comes from moe.aux_loss(model).
-        warnings.warn(
-            "patch(): setting config.output_router_logits = False (HF cannot see the routers of the patched "
-            "blocks); add moe.aux_loss(model) to your loss for load balancing",
-            stacklevel=2,
-        )
-        config.output_router_logits = False
+    reports = scan(model)
+    refused = [r for r in reports if r.reason is not None]
+    if refused:
+        lines = "; ".join(f"{r.name} ({r.block_class}): {r.reason}" for r in refused)
+        if strict:
+            raise TypeError(f"patch(): cannot convert {lines}")
+        warnings.warn(f"patch(): left {len(refused)} block(s) untouched: {lines}", stacklevel=2)
+    targets = [(r.name, model.get_submodule(r.name)) for r in reports if r.reason is None]
     for name, block in targets:
         spec = spec_for(block)
         layer, returns_logits = _build(block, spec, backend, router_overrides)
-        wrapper = HFMoEBlock(layer, returns_logits, type(block).__name__)
+        wrapper = HFMoEBlock(layer, returns_logits, type(block).__name__, spec)
         wrapper.train(block.training)
+        object.__setattr__(wrapper, "_hf_skeleton", block.to("meta"))  # not a submodule: not in state_dict
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, wrapper)
+    return len(targets)
+
+
+def _assign(target: nn.Module, name: str, value: torch.Tensor, written: set[int]) -> None:
+    """target.<name> (a parameter or buffer of the meta skeleton) takes a copy of value."""
+    current = getattr(target, name)
+    if tuple(current.shape) != tuple(value.shape):
+        raise ValueError(
+            f"unpatch: {type(target).__name__}.{name} is {tuple(current.shape)}, ours {tuple(value.shape)}"
+        )
+    data = value.detach().clone().contiguous()
+    if isinstance(current, nn.Parameter):
+        setattr(target, name, nn.Parameter(data, requires_grad=current.requires_grad))
+    else:
+        persistent = name not in target._non_persistent_buffers_set
+        data = data.to(current.dtype) if name == "e_score_correction_bias" else data  # HF keeps it fp32
+        target.register_buffer(name, data, persistent=persistent)
+    written.add(id(getattr(target, name)))
+
+
+def to_hf(wrapper: HFMoEBlock) -> nn.Module:
+    """The original HF block class rebuilt with the wrapper's current weights (inverse of patch())."""
+    block, spec = wrapper._hf_skeleton, wrapper.spec
+    if block is None or spec is None:
+        raise ValueError(f"{wrapper.source}: this HFMoEBlock was not made by patch(); nothing to restore")
+    layer = wrapper.moe
+    block = copy.deepcopy(block)
+    written: set[int] = set()
+    w_in, w_out = layer.experts.w_in, layer.experts.w_out
+    hidden = w_out.shape[1]
+    experts: Any = block.experts
+    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        _assign(experts, "gate_up_proj", w_in.transpose(1, 2), written)
+        _assign(experts, "down_proj", w_out.transpose(1, 2), written)
+    else:
+        names = next(n for n in PER_EXPERT_NAMES if hasattr(experts[0], n[0]))
+        for e, mlp in enumerate(experts):
+            _assign(getattr(mlp, names[0]), "weight", w_in[e, :, :hidden].t(), written)
+            _assign(getattr(mlp, names[1]), "weight", w_in[e, :, hidden:].t(), written)
+            _assign(getattr(mlp, names[2]), "weight", w_out[e].t(), written)
+    gate = getattr(block, spec.router_attr)
+    _assign(gate, "weight", _tensor(layer.router, "weight"), written)
+    if isinstance(getattr(gate, "e_score_correction_bias", None), torch.Tensor):
+        _assign(gate, "e_score_correction_bias", _tensor(layer.router, "e_score_correction_bias"), written)
+    if spec.shared_expert:
+        assert layer.shared_experts is not None
+        shared = getattr(block, spec.shared_expert)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            _assign(getattr(shared, proj), "weight", getattr(layer.shared_experts, proj).weight, written)
+    if spec.shared_expert_gate:
+        assert layer.shared_expert_gate is not None
+        _assign(getattr(block, spec.shared_expert_gate), "weight", layer.shared_expert_gate.weight, written)
+    missing = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if id(t) not in written]
+    if missing:
+        raise ValueError(f"unpatch: {wrapper.source} has state we do not carry: {missing}")
+    block.train(wrapper.training)
+    return block
+
+
+def unpatch(model: nn.Module) -> int:
+    """Puts the original HF blocks back in place of every HFMoEBlock made by patch(), with the
+    current (e.g. fine-tuned) weights, so model.save_pretrained(dir) loads into the unpatched HF
+    class. Returns the number of blocks restored."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
+    for name, wrapper in targets:
+        block = to_hf(wrapper)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, block)
     return len(targets)

@@ -6,6 +6,8 @@ Shape legend: E experts, D model dim, I expert hidden dim (HF "intermediate"), F
 Expert layouts understood (HF names; both become our coalesced buffer [w_in D x F | w_out I x D]):
     per expert: <prefix>.experts.<e>.(w1|gate_proj).weight [I, D], (w3|up_proj) [I, D], (w2|down_proj) [D, I]
     fused:      <prefix>.experts.gate_up_proj [E, 2I, D] (rows [:I] gate), <prefix>.experts.down_proj [E, D, I]
+    Granite:    <prefix>.input_linear.weight [E, 2I, D] (rows [:I] gate), <prefix>.output_linear.weight [E, D, I]
+                (the names GraniteMoe checkpoints keep on disk; 5.x renames them to experts.* on load)
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import torch
 _PER_EXPERT = re.compile(
     r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\.(?P<e>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
 )
-_FUSED = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+_FUSED = re.compile(
+    r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\."
+    r"(?:experts\.(?P<proj>gate_up_proj|down_proj)|(?P<granite>input_linear|output_linear)\.weight)$"
+)
 _ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
@@ -125,14 +130,14 @@ def index_experts(names: dict[str, str]) -> ExpertIndex:
             idx.prefixes[layer] = m["prefix"]
             continue
         m = _FUSED.match(name)
-        if m is not None:
+        shape = read_header(path)[name]["shape"] if m is not None else []
+        if m is not None and len(shape) == 3:  # a 2-D input_linear is a dense MLP's (Granite's shared_mlp)
             layer = int(m["layer"])
             idx.prefixes[layer] = m["prefix"]
-            shape = read_header(path)[name]["shape"]
             idx.fused_counts[layer] = int(shape[0])
             for e in range(int(shape[0])):
                 loc = idx.experts.setdefault((layer, e), ExpertLocation(index=e))
-                if m["proj"] == "gate_up_proj":
+                if m["proj"] == "gate_up_proj" or m["granite"] == "input_linear":
                     loc.fused_gate_up = (path, name)
                 else:
                     loc.fused_down = (path, name)

@@ -64,7 +64,14 @@ def _layer_number(name: str) -> int:
 
 def _block_renames(block_name: str, spec: Any) -> dict[str, str]:
     """HF parameter names inside a sparse MoE block -> names inside our HFMoEBlock wrapper."""
-    out = {"gate.weight": "moe.router.weight", "gate.e_score_correction_bias": "moe.router.e_score_correction_bias"}
+    router = spec.router_attr
+    out = {
+        f"{router}.weight": "moe.router.weight",
+        f"{router}.e_score_correction_bias": "moe.router.e_score_correction_bias",
+        # On-disk router names that transformers 5.x renames on load: PhiMoE's gate, Granite's router.layer.
+        "gate.weight": "moe.router.weight",
+        "router.layer.weight": "moe.router.weight",
+    }
     if spec.shared_expert:
         for proj in ("gate_proj", "up_proj", "down_proj"):
             out[f"{spec.shared_expert}.{proj}.weight"] = f"moe.shared_experts.{proj}.weight"
