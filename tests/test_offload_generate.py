@@ -233,3 +233,31 @@ def test_more_families(family: str, tmp_path_factory: pytest.TempPathFactory) ->
         assert om.runtime.residency.peak_bytes <= budget
     finally:
         om.close()
+
+
+def test_link_budget_counts_what_fits_before_the_next_layer() -> None:
+    from moe.offload.engine import link_budget
+
+    assert link_budget(window_s=1.0, backlog_s=0.2, copy_s=0.3) == 2
+    assert link_budget(window_s=1.0, backlog_s=1.5, copy_s=0.3) == 0  # the link is already behind
+    assert link_budget(window_s=1.0, backlog_s=0.0, copy_s=0.3, streams=2) == 6
+    assert link_budget(window_s=0.1, backlog_s=0.0, copy_s=6.8e-3 * 100) == 0  # copies dominate
+
+
+def test_runtime_prefetch_budget_uses_measured_layer_time_and_copies_in_flight(mixtral) -> None:
+    path, _, _ = mixtral
+    om = mo.load(path, "cpu", config=mo.OffloadConfig(expert_cache_bytes=1 << 20, policy="predictive"))
+    try:
+        rt = om.runtime
+        expert_bytes = rt.store.expert_bytes(0)
+        assert rt.engine.prefetch_budget is None  # CPU device: the RAM tier is the device copy
+        rt.cost = mo.CostModel(h2d_bytes_per_s=float(expert_bytes) / 1e-3, cpu_flops=1e9, device_flops=1e12)
+        assert rt._prefetch_budget() == 1  # no layer measured yet
+        rt.layer_seconds = 5.5e-3  # copies take 1 ms each
+        rt.store.in_flight = lambda: 2  # type: ignore[method-assign]
+        assert rt._prefetch_budget() == 3  # (5.5 ms - 2 ms in flight) / 1 ms
+        with torch.no_grad():
+            om.model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert 0.0 < rt.layer_seconds < 1.0  # measured between the layers' expert calls
+    finally:
+        om.close()

@@ -24,6 +24,22 @@ from moe.offload.policies import Key, Predictive
 Fetch = Callable[[Key, bool], None]
 
 
+def link_budget(window_s: float, backlog_s: float, copy_s: float, streams: int = 1) -> int:
+    """Prefetch copies that fit in the link's idle time before the next layer's demand copies.
+
+    Args:
+        window_s: time until the next layer's routing is known (its demand copies start then).
+        backlog_s: copy time already queued or running on the link.
+        copy_s: one expert's copy.
+        streams: copy streams that run at once.
+    A guess whose copy is still running when the next layer needs other experts delays them, so
+    only what fits in the window goes (the decode timeline measures why: BENCHMARKS.md).
+    """
+    if copy_s <= 0:
+        return 1 << 30
+    return int(max(window_s - backlog_s, 0.0) / copy_s) * streams
+
+
 def _noop(key: Key, prefetch: bool) -> None:
     return None
 

@@ -21,7 +21,7 @@ from moe.config import positional_deprecated
 from moe.experts import ExpertsBase, expert_mlp
 from moe.offload.cache import Residency
 from moe.offload.cost import CostModel
-from moe.offload.engine import CacheEngine
+from moe.offload.engine import CacheEngine, link_budget
 from moe.offload.policies import Key, make_policy
 from moe.offload.predict import forecast
 from moe.offload.store import ExpertStore
@@ -52,6 +52,9 @@ class OffloadConfig:
         ram_cache_bytes: RAM tier budget (None = unlimited, 0 = stream from disk).
         record_trace: keep the routing of every step (for Belady and replays; ~4 KB per layer step
             at E = 256, so off by default: a long serving run would grow without bound).
+        link_budget: on CUDA, the predictive policy starts only the prefetches that the measured
+            host -> device link can finish within one layer's measured time, minus the copies
+            already in flight (moe.offload.engine.link_budget); False: every confident guess.
     """
 
     expert_cache_bytes: int
@@ -61,6 +64,7 @@ class OffloadConfig:
     miss: Miss = "auto"
     ram_cache_bytes: int | None = None
     record_trace: bool = False
+    link_budget: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in CACHE_POLICIES:
@@ -114,7 +118,15 @@ class OffloadRuntime:
         )
         for layer in range(self.num_layers):
             self.residency.check_fits(store.expert_bytes(layer), f"one expert of MoE layer {layer}")
-        self.engine = CacheEngine(self.residency, store.expert_bytes, fetch=self._fetch)
+        cuda_link = store.device.type == "cuda" and config.link_budget
+        self.engine = CacheEngine(
+            self.residency,
+            store.expert_bytes,
+            fetch=self._fetch,
+            prefetch_budget=self._prefetch_budget if cuda_link else None,
+        )
+        self.layer_seconds = 0.0  # moving average of the time between two layers' expert calls
+        self._last_layer_start: float | None = None
         self.predicts = self.residency.policy.prefetches
         self.trace = TraceBuilder(self.num_layers, max(num_experts), config.lookahead if self.predicts else 0)
         self.cpu_rows = 0
@@ -164,8 +176,28 @@ class OffloadRuntime:
         return probs, ahead
 
     @torch.no_grad()
+    def _prefetch_budget(self) -> int:
+        """Prefetches the link can finish before the next layer needs it (CUDA; engine.link_budget)."""
+        if self.layer_seconds <= 0.0:
+            return 1  # nothing measured yet
+        if self.cost is None:
+            from moe.offload.cost import measure
+
+            self.cost = measure(self.store.device)
+        copy_s = self.store.expert_bytes(0) / self.cost.h2d_bytes_per_s
+        return link_budget(self.layer_seconds, self.store.in_flight() * copy_s, copy_s)
+
+    def _tick(self) -> None:
+        """Updates layer_seconds; gaps over a second (between generate calls) are not layer time."""
+        now = time.perf_counter()
+        if self._last_layer_start is not None and now - self._last_layer_start < 1.0:
+            dt = now - self._last_layer_start
+            self.layer_seconds = dt if self.layer_seconds == 0.0 else 0.9 * self.layer_seconds + 0.1 * dt
+        self._last_layer_start = now
+
     def run_layer(self, layer: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Experts of `layer` on rows sorted by expert; same contract as Experts.forward."""
+        self._tick()
         counts = [int(c) for c in counts_E.tolist()]
         starts = [0]
         for c in counts:

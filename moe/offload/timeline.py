@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 
 from moe.offload.cache import Residency
-from moe.offload.engine import CacheEngine
+from moe.offload.engine import CacheEngine, link_budget
 from moe.offload.policies import Belady, Key, Policy, make_policy
 from moe.offload.trace import Trace
 
@@ -408,7 +408,7 @@ def _prefetch_budget(link: _Link, now: float, hw: Hardware, experts: float) -> i
     the copies already queued or running. A copy still running then would delay a needed expert."""
     window = hw.layer_host_s + hw.layer_device_s + experts * (hw.expert_host_s + hw.expert_device_s)
     backlog = max(min(link.free) - now, 0.0) + len(link.queue) * hw.copy_s
-    return int(max(window - backlog, 0.0) / hw.copy_s) * hw.copy_streams if hw.async_copies else 0
+    return link_budget(window, backlog, hw.copy_s, hw.copy_streams) if hw.async_copies else 0
 
 
 def _oracle_prefetch(trace: Trace, s: int, res: Residency, link: _Link, now: float, hw: Hardware) -> float:
