@@ -47,6 +47,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
     )
     try:
         fn(rank, world, *args)
+        # No rank tears the group down while another still has exchanges in flight: gloo aborted
+        # a rank now and then ("terminate called without an active exception") without this.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
