@@ -17,6 +17,29 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 if TYPE_CHECKING:
     from moe.parallel.planner import Plan
 
+__all__ = [
+    "Activation",
+    "Backend",
+    "ScoreFunc",
+    "GroupScore",
+    "ACTIVATIONS",
+    "BACKENDS",
+    "check_int",
+    "check_unit",
+    "positional_deprecated",
+    "TopKConfig",
+    "AuxFreeConfig",
+    "RecurrentConfig",
+    "ExpertChoiceConfig",
+    "PlannerConfig",
+    "ParallelConfig",
+    "RouterConfig",
+    "ROUTER_CONFIGS",
+    "router_config",
+    "MoEConfig",
+]
+
+
 Activation = Literal["swiglu", "gelu"]
 Backend = Literal["auto", "reference", "cpp", "triton", "torch"]
 ScoreFunc = Literal["softmax", "sigmoid"]

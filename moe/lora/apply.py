@@ -16,6 +16,18 @@ from moe.lora.config import LoRAMoEConfig
 from moe.lora.linear import LoRAMoELinear
 from moe.lora.mos import MoSLinear, MoSPool
 
+__all__ = [
+    "POOLS_ATTR",
+    "ADAPTER_TYPES",
+    "adapter_modules",
+    "replace_module",
+    "get_pools",
+    "wrap_from_spec",
+    "mos_pool_size",
+    "apply_lora_moe",
+]
+
+
 POOLS_ATTR = "lora_mos_pools"  # the model-root ModuleDict holding MoS's shared pools
 ADAPTER_TYPES = (LoRAMoELinear, MoSLinear)
 

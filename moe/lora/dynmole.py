@@ -20,6 +20,17 @@ from torch import nn
 
 from moe.routing.base import Router, Routing
 
+__all__ = [
+    "TSALLIS_Q",
+    "TSALLIS_EPS",
+    "tsallis_entropy",
+    "max_tsallis_entropy",
+    "normalized_tsallis_entropy",
+    "dynmole_select",
+    "DynMoLERouter",
+]
+
+
 TSALLIS_Q = 1.1
 TSALLIS_EPS = 1e-5
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["MoSPool", "draw_index", "MoSLinear"]
+
 
 class MoSPool(nn.Module):
     """The public shard pools of one projection type (shared by all its layers).

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from moe.offload.policies import Key, Policy
 
+__all__ = ["BudgetError", "CacheStats", "Residency"]
+
 
 class BudgetError(ValueError):
     """The cache cannot hold the expert even after evicting every unpinned resident."""

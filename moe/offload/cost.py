@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["CostModel", "measure"]
+
 
 @dataclass(frozen=True)
 class CostModel:

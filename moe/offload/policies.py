@@ -16,6 +16,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+__all__ = ["Key", "POLICIES", "Policy", "LRU", "LFU", "Predictive", "Belady", "make_policy"]
+
+
 Key = tuple[int, int]
 
 POLICIES = ("lru", "lfu", "predictive", "belady")

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["Key", "ExpertShape", "Reader", "DeviceEntry", "ExpertStore"]
+
+
 Key = tuple[int, int]
 
 

@@ -21,6 +21,8 @@ import torch
 
 from moe.offload.policies import Key
 
+__all__ = ["Trace", "TraceBuilder", "TraceRecorder"]
+
 
 @dataclass
 class Trace:

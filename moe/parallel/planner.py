@@ -27,7 +27,9 @@ import torch
 import torch.distributed as dist
 
 from moe.config import PlannerConfig
-from moe.parallel.comm import collective_device
+from moe.parallel.alltoall import collective_device
+
+__all__ = ["mode_name", "Plan", "Planner", "PlannerConfig", "timer"]
 
 
 def mode_name(mode: int) -> str:

@@ -18,6 +18,8 @@ from moe.reference import count_tokens
 from moe.routing.base import Router, Routing
 from moe.routing.losses import sequence_balance_loss
 
+__all__ = ["group_limited_topk", "AuxFreeRouter"]
+
 
 def group_limited_topk(
     choice_TE: torch.Tensor, top_k: int, n_group: int, topk_group: int, group_score: str = "top2_sum"

@@ -16,6 +16,8 @@ from torch import nn
 from moe.config import ExpertChoiceConfig
 from moe.routing.base import Router, Routing
 
+__all__ = ["ExpertChoiceRouter"]
+
 
 class ExpertChoiceRouter(Router):
     """S = softmax(x W^T) [T, E]; expert e keeps its top C = ceil(T * c / E) tokens (C <= T).

@@ -33,6 +33,9 @@ from moe.config import RecurrentConfig
 from moe.routing.base import Router, Routing
 from moe.routing.topk import router_losses, softmax_topk
 
+__all__ = ["MAX_PASSES", "RecurrentCore", "RecurrentRouter", "tie_recurrent_routers"]
+
+
 MAX_PASSES = 4  # forward passes whose input states are kept for activation-checkpoint recompute
 
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from moe.routing.base import Router, Routing
 
+__all__ = ["SparseMixerConfig", "sparsemixer_eval", "SparseMixerRouter"]
+
 
 @dataclass(frozen=True, kw_only=True)
 class SparseMixerConfig:
