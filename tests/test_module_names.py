@@ -88,3 +88,36 @@ def test_every_public_module_declares_all(path: Path) -> None:
     if rel in NO_ALL_YET:
         pytest.skip("left to the parallel rework of this module")
     assert "__all__" in assigned or "__all__" in imported, f"moe/{rel} has no __all__"
+
+
+# Files of the parallel rework that had undocumented public methods when this test was added.
+UNDOCUMENTED_YET = NO_ALL_YET | {
+    "experts.py",
+    "integrations/deepspeed.py",
+    "integrations/deepspeed_convert.py",
+    "integrations/transformers.py",
+    "offload/timeline.py",
+}
+
+
+@pytest.mark.parametrize("path", _public_modules(), ids=lambda p: str(p.relative_to(MOE)))
+def test_every_public_function_and_method_has_a_docstring(path: Path) -> None:
+    """Constructors are described by their class's docstring; dunders and extra_repr need none."""
+    rel = str(path.relative_to(MOE))
+    if rel in UNDOCUMENTED_YET:
+        pytest.skip("left to the parallel rework of this module")
+    missing = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            if ast.get_docstring(node) is None:
+                missing.append(node.name)
+            methods = [m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            missing += [
+                f"{node.name}.{m.name}"
+                for m in methods
+                if not m.name.startswith("_") and m.name != "extra_repr" and ast.get_docstring(m) is None
+            ]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            if ast.get_docstring(node) is None:
+                missing.append(node.name)
+    assert not missing, f"moe/{rel}: no docstring on {missing}"

@@ -38,12 +38,14 @@ def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Replaces the submodule at dotted `path` of `model` by `new`."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, new)
 
 
 def get_pools(model: nn.Module) -> nn.ModuleDict:
+    """The model's MoS shard pools (an nn.ModuleDict under POOLS_ATTR), created empty on first use."""
     pools = getattr(model, POOLS_ATTR, None)
     if pools is None:
         pools = nn.ModuleDict()

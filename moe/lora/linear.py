@@ -165,6 +165,7 @@ class LoRAMoELinear(nn.Module):
         )
 
     def use_dense(self) -> bool:
+        """Whether forward computes every expert densely (E * r <= DENSE_MAX_COLUMNS under 'auto')."""
         if self.compute == "auto":
             return self.num_experts * self.rank <= DENSE_MAX_COLUMNS
         return self.compute == "dense"

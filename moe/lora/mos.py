@@ -63,6 +63,7 @@ class MoSPool(nn.Module):
         self.shards_B = nn.Parameter(torch.zeros(pool_size, shard_b, device=device, dtype=dtype))
 
     def spec(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this pool (saved in adapter checkpoint metadata)."""
         return dict(
             in_features=self.in_features,
             out_features=self.out_features,
@@ -140,6 +141,7 @@ class MoSLinear(nn.Module):
         self.aux_losses: dict[str, torch.Tensor] = {}
 
     def spec(self) -> dict[str, Any]:
+        """The arguments that rebuild this adapter (saved in adapter checkpoint metadata)."""
         return dict(
             kind="mos",
             in_features=self.in_features,

@@ -137,6 +137,7 @@ class ExpertParallel(Dispatcher):
         return self.dispatcher.dispatch(x_TD, routing, self._mode())
 
     def combine(self, y_sorted: torch.Tensor, state: Any) -> torch.Tensor:
+        """Unpipelined combine: expert outputs [R, D] of dispatch's rows and its handle -> y_TD [T, D]."""
         return self.dispatcher.combine(y_sorted, state)
 
     def __call__(

@@ -49,10 +49,12 @@ class ParallelExperts(ExpertsBase):
 
     def reset_parameters(self) -> None:
         # Same distribution as moe.experts.Experts (nn.Linear's default on the full expert).
+        """Initialises this rank's shard as moe.experts.Experts initialises a full expert."""
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
 
     def exchange(self, mode: int) -> UnitExchange:
+        """The (cached) UnitExchange that all-gathers the units mode `mode` computes with."""
         if mode not in self._exchanges:
             self._exchanges[mode] = UnitExchange(self.num_experts, self.hidden_dim, self.world, self.rank, mode)
         return self._exchanges[mode]

@@ -74,6 +74,14 @@ class SparseMixerRouter(Router):
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
+        """PhiMoE's sparsemixer top-2 in eval mode (training mode raises NotImplementedError).
+
+        Args:
+            x_TD: [T, D] tokens.
+            token_mask, seq_len: unused.
+        Returns:
+            Routing with expert_ids [T, 2], weights [T, 2] fp32, probs [T, E] (softmax of the logits), no losses.
+        """
         if self.training:
             raise NotImplementedError(
                 "SparseMixerRouter: training-mode sparsemixer (Gumbel sampling with a straight-through "
