@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moe.parallel import ExpertParallelDispatcher, all_to_all, hierarchical_all_to_all
-from moe.parallel.comm import exchange_counts
+from moe.parallel.alltoall import exchange_counts
 from moe.routing.base import Routing
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -17,6 +17,29 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 if TYPE_CHECKING:
     from moe.parallel.planner import Plan
 
+__all__ = [
+    "Activation",
+    "Backend",
+    "ScoreFunc",
+    "GroupScore",
+    "ACTIVATIONS",
+    "BACKENDS",
+    "check_int",
+    "check_unit",
+    "positional_deprecated",
+    "TopKConfig",
+    "AuxFreeConfig",
+    "RecurrentConfig",
+    "ExpertChoiceConfig",
+    "PlannerConfig",
+    "ParallelConfig",
+    "RouterConfig",
+    "ROUTER_CONFIGS",
+    "router_config",
+    "MoEConfig",
+]
+
+
 Activation = Literal["swiglu", "gelu"]
 Backend = Literal["auto", "reference", "cpp", "triton", "torch"]
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -44,6 +67,7 @@ def _check_non_negative(name: str, value: float) -> None:
 
 
 def check_int(name: str, value: object, low: int) -> None:
+    """Raises TypeError unless `value` is an int (not a bool), ValueError unless it is >= `low`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < low:
@@ -51,6 +75,7 @@ def check_int(name: str, value: object, low: int) -> None:
 
 
 def check_unit(name: str, value: float) -> None:
+    """Raises ValueError unless 0 <= `value` <= 1 (NaN is rejected)."""
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
@@ -390,10 +415,12 @@ class MoEConfig:
 
     @property
     def shared_hidden_dim(self) -> int:
+        """Hidden width of the shared-expert MLP: shared_expert_hidden_dim, else num_shared_experts * H."""
         if self.shared_expert_hidden_dim is not None:
             return self.shared_expert_hidden_dim
         return self.num_shared_experts * self.hidden_dim
 
     @property
     def dropless(self) -> bool:
+        """True when no capacity factor is set, so no routed copy is ever dropped."""
         return not self.capacity_factor

@@ -16,6 +16,9 @@ import ctypes.util
 import platform
 import warnings
 
+__all__ = ["keep_freed_memory"]
+
+
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -76,6 +76,15 @@ class LocalDispatcher(Dispatcher):
         self.num_experts, self.backend = num_experts, backend
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
+        """Sorts the routed copies by expert and gathers their rows.
+
+        Args:
+            x_TD: [T, D] tokens.
+            routing: expert_ids [T, K] and weights [T, K] (id -1 = not routed).
+        Returns:
+            x_sorted [N, D] (rows grouped by expert, padding rows last), counts [E] int64, and the handle
+            (token_idx [N], weights [N]) that combine needs; N = routing.max_copies.
+        """
         counts, handle = self.route(routing, x_TD.shape[0])
         x_sorted = ops.permute(x_TD, handle.token_idx, self.backend)
         return x_sorted, counts, handle
@@ -101,6 +110,16 @@ class LocalDispatcher(Dispatcher):
     def run(
         self, x_TD: torch.Tensor, routing: Routing, experts: nn.Module, overlap: Overlap | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """dispatch -> experts -> combine, or the fused path when `fused` says so.
+
+        Args:
+            x_TD: [T, D] tokens.
+            routing: expert_ids [T, K], weights [T, K].
+            experts: the routed experts (ExpertsBase): [N, D] rows and counts [E] -> [N, D].
+            overlap: optional function of x_TD (the shared experts), run after the experts here.
+        Returns:
+            (y_TD [T, D] fp32-accumulated weighted sum in x's dtype, overlap(x_TD) or None).
+        """
         if not self.fused(x_TD.device, experts):
             return super().run(x_TD, routing, experts, overlap)
         counts, handle = self.route(routing, x_TD.shape[0])
@@ -113,4 +132,12 @@ class LocalDispatcher(Dispatcher):
         return ops.unpermute(y_weighted, handle.token_idx, ones, handle.num_tokens, self.backend)
 
     def combine(self, y_sorted: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Weighted sum of the expert outputs back into tokens (accumulated in fp32).
+
+        Args:
+            y_sorted: [N, D] expert outputs in dispatch order.
+            handle: token_idx [N] and weights [N] from dispatch (weight 0 for padding rows).
+        Returns:
+            y_TD [T, D].
+        """
         return ops.unpermute(y_sorted, handle.token_idx, handle.weights, handle.num_tokens, self.backend)

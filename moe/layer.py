@@ -38,6 +38,13 @@ class MoEStats:
 
 
 def max_violation(load_E: torch.Tensor) -> float:
+    """MaxVio of one load vector: (max load - mean load) / mean load.
+
+    Args:
+        load_E: [E] tokens (or copies) routed to each expert.
+    Returns:
+        a float >= 0; 0.0 when there are no experts or no load.
+    """
     load = load_E.float()
     mean = load.mean()
     return 0.0 if load.numel() == 0 or mean <= 0 else float((load.max() - mean) / mean)

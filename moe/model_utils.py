@@ -7,6 +7,8 @@ from torch import nn
 
 from moe.routing.base import Router
 
+__all__ = ["aux_loss", "update_routers"]
+
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the latest (weighted) aux losses of every module in `model` that has them.

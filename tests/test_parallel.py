@@ -268,7 +268,7 @@ def test_four_ranks_two_experts_sharded_storage() -> None:
 
 def test_collective_device_is_the_cpu_under_gloo_and_the_config_check_passes() -> None:
     """Bookkeeping collectives stay on the CPU under gloo (NCCL would put them on the GPU)."""
-    from moe.parallel.comm import check_same_config, collective_device
+    from moe.parallel.alltoall import check_same_config, collective_device
 
     own = not dist.is_initialized()  # earlier in-process tests may have left a group behind
     if own:

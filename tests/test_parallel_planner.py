@@ -99,7 +99,7 @@ def test_layout_units_cover_every_expert_once_and_roundtrip(experts: int, hidden
 def test_nccl_ranks_that_never_chose_their_gpu_get_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed as dist
 
-    from moe.parallel import comm
+    from moe.parallel import alltoall
 
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -107,12 +107,12 @@ def test_nccl_ranks_that_never_chose_their_gpu_get_a_warning(monkeypatch: pytest
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.warns(UserWarning, match=r"torch.cuda.set_device"):
-        comm.warn_if_device_unset()
+        alltoall.warn_if_device_unset()
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
-    comm.warn_if_device_unset()  # set: silent
+    alltoall.warn_if_device_unset()  # set: silent
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    comm.warn_if_device_unset()  # one visible GPU per process: silent
+    alltoall.warn_if_device_unset()  # one visible GPU per process: silent
 
 
 def test_single_process_checkpoint_is_written_whole_and_leaves_no_temp_file(tmp_path) -> None:  # noqa: ANN001

@@ -7,9 +7,9 @@ moe.lora.save_lora_moe(model, "adapter.safetensors")
 moe.lora.load_lora_moe(fresh_base_model, "adapter.safetensors")
 """
 
+from moe.lora.adapter_checkpoint import adapter_state_dict, load_lora_moe, read_metadata, save_lora_moe
 from moe.lora.allocation import experts_per_layer, find_targets, layer_index
 from moe.lora.apply import adapter_modules, apply_lora_moe
-from moe.lora.checkpoint import adapter_state_dict, load_lora_moe, read_metadata, save_lora_moe
 from moe.lora.config import LoRAMoEConfig
 from moe.lora.dynmole import (
     DynMoLERouter,

@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
+__all__ = ["Allocation", "layer_index", "find_targets", "count_layers", "experts_per_layer"]
+
+
 Allocation = int | str | Sequence[int]
 
 

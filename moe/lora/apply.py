@@ -16,6 +16,18 @@ from moe.lora.config import LoRAMoEConfig
 from moe.lora.linear import LoRAMoELinear
 from moe.lora.mos import MoSLinear, MoSPool
 
+__all__ = [
+    "POOLS_ATTR",
+    "ADAPTER_TYPES",
+    "adapter_modules",
+    "replace_module",
+    "get_pools",
+    "wrap_from_spec",
+    "mos_pool_size",
+    "apply_lora_moe",
+]
+
+
 POOLS_ATTR = "lora_mos_pools"  # the model-root ModuleDict holding MoS's shared pools
 ADAPTER_TYPES = (LoRAMoELinear, MoSLinear)
 
@@ -26,12 +38,14 @@ def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Replaces the submodule at dotted `path` of `model` by `new`."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, new)
 
 
 def get_pools(model: nn.Module) -> nn.ModuleDict:
+    """The model's MoS shard pools (an nn.ModuleDict under POOLS_ATTR), created empty on first use."""
     pools = getattr(model, POOLS_ATTR, None)
     if pools is None:
         pools = nn.ModuleDict()

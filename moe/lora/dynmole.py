@@ -20,6 +20,17 @@ from torch import nn
 
 from moe.routing.base import Router, Routing
 
+__all__ = [
+    "TSALLIS_Q",
+    "TSALLIS_EPS",
+    "tsallis_entropy",
+    "max_tsallis_entropy",
+    "normalized_tsallis_entropy",
+    "dynmole_select",
+    "DynMoLERouter",
+]
+
+
 TSALLIS_Q = 1.1
 TSALLIS_EPS = 1e-5
 
@@ -121,6 +132,15 @@ class DynMoLERouter(Router):
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
+        """Routes each token to the experts DynMoLE selects (top-p >= 2, all when the entropy is high).
+
+        Args:
+            x_TD: [T, D] inputs of the adapted Linear.
+            token_mask, seq_len: accepted for the Router interface; unused.
+        Returns:
+            Routing with expert_ids [T, E] (-1 where not selected), weights [T, E] (probs times the
+            selection mask), probs [T, E], aux losses (tsallis, balance) when their coefficients are > 0.
+        """
         probs_TE, mask_TE, expert_ids_TE = self._select(x_TD)
         weights_TE = probs_TE * mask_TE
         losses: dict[str, torch.Tensor] = {}

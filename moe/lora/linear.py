@@ -36,6 +36,9 @@ from moe.lora.dynmole import DynMoLERouter
 from moe.routing.base import Router, Routing
 from moe.routing.topk import TopKRouter
 
+__all__ = ["RouterName", "Compute", "DENSE_MAX_COLUMNS", "lora_experts_dense", "lora_experts_grouped", "LoRAMoELinear"]
+
+
 RouterName = Literal["topk", "dynmole"]
 Compute = Literal["auto", "dense", "grouped"]
 DENSE_MAX_COLUMNS = 512
@@ -162,6 +165,7 @@ class LoRAMoELinear(nn.Module):
         )
 
     def use_dense(self) -> bool:
+        """Whether forward computes every expert densely (E * r <= DENSE_MAX_COLUMNS under 'auto')."""
         if self.compute == "auto":
             return self.num_experts * self.rank <= DENSE_MAX_COLUMNS
         return self.compute == "dense"

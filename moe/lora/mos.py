@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["MoSPool", "draw_index", "MoSLinear"]
+
 
 class MoSPool(nn.Module):
     """The public shard pools of one projection type (shared by all its layers).
@@ -61,6 +63,7 @@ class MoSPool(nn.Module):
         self.shards_B = nn.Parameter(torch.zeros(pool_size, shard_b, device=device, dtype=dtype))
 
     def spec(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this pool (saved in adapter checkpoint metadata)."""
         return dict(
             in_features=self.in_features,
             out_features=self.out_features,
@@ -138,6 +141,7 @@ class MoSLinear(nn.Module):
         self.aux_losses: dict[str, torch.Tensor] = {}
 
     def spec(self) -> dict[str, Any]:
+        """The arguments that rebuild this adapter (saved in adapter checkpoint metadata)."""
         return dict(
             kind="mos",
             in_features=self.in_features,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from moe.offload.policies import Key, Policy
 
+__all__ = ["BudgetError", "CacheStats", "Residency"]
+
 
 class BudgetError(ValueError):
     """The cache cannot hold the expert even after evicting every unpinned resident."""
@@ -89,16 +91,19 @@ class Residency:
         self.stats = CacheStats()
 
     def pool(self, key: Key) -> int:
+        """The budget pool of `key` = (layer, expert): its layer with per-layer budgets, else 0."""
         return key[0] if self.scope == "layer" else 0
 
     @property
     def used_bytes(self) -> int:
+        """Bytes held by resident experts, over all pools."""
         return sum(self.used.values())
 
     def __contains__(self, key: Key) -> bool:
         return key in self.size
 
     def check_fits(self, nbytes: int, what: str) -> None:
+        """Raises BudgetError when one expert of `nbytes` cannot fit in an empty pool."""
         if nbytes > self.pool_budget:
             per = "per layer (budget / MoE layers)" if self.scope == "layer" else "in all"
             raise BudgetError(
@@ -137,6 +142,13 @@ class Residency:
         return True
 
     def insert(self, key: Key, nbytes: int, prefetched: bool = False) -> None:
+        """Marks `key` resident with `nbytes` (the caller made room first; BudgetError otherwise).
+
+        Args:
+            key: (layer, expert).
+            nbytes: the expert's size on the device.
+            prefetched: admitted by a prefetch, not a demand miss (counted as wasted if evicted unused).
+        """
         pool = self.pool(key)
         if self.used.get(pool, 0) + nbytes > self.pool_budget:
             raise BudgetError(f"insert of {key} would exceed the budget: call make_room first")
@@ -149,6 +161,7 @@ class Residency:
         self.policy.admit(key)
 
     def evict(self, key: Key) -> None:
+        """Drops `key` from the device tier, tells the policy and calls on_evict (if set)."""
         nbytes = self.size.pop(key)
         del self.members[self.pool(key)][key]
         self.used[self.pool(key)] -= nbytes

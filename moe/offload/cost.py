@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["CostModel", "measure"]
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -24,9 +26,11 @@ class CostModel:
     device_flops: float
 
     def copy_seconds(self, expert_bytes: int, rows: int, expert_flops_per_row: int) -> float:
+        """Estimated seconds to copy one expert to the device and run `rows` token rows there."""
         return expert_bytes / self.h2d_bytes_per_s + rows * expert_flops_per_row / self.device_flops
 
     def cpu_seconds(self, rows: int, expert_flops_per_row: int, activation_bytes_per_row: int) -> float:
+        """Estimated seconds to run `rows` token rows on the CPU, activations copied there and back."""
         return rows * expert_flops_per_row / self.cpu_flops + 2 * rows * activation_bytes_per_row / self.h2d_bytes_per_s
 
     def compute_on_cpu(

@@ -16,6 +16,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+__all__ = ["Key", "POLICIES", "Policy", "LRU", "LFU", "Predictive", "Belady", "make_policy"]
+
+
 Key = tuple[int, int]
 
 POLICIES = ("lru", "lfu", "predictive", "belady")
@@ -35,19 +38,23 @@ class Policy:
         """Router probabilities [E] (mean over the step's tokens) of `layer`, before its requests."""
 
     def touch(self, key: Key) -> None:
+        """Records a request of `key` = (layer, expert), hit or miss."""
         self.clock += 1
         self.last_use[key] = self.clock
 
     def admit(self, key: Key) -> None:
+        """Records that `key` entered the cache."""
         self.last_use.setdefault(key, self.clock)
 
     def forget(self, key: Key) -> None:
         """key was evicted; policies that keep history across evictions keep it."""
 
     def rank(self, key: Key) -> tuple[float, ...]:
+        """Eviction rank of a resident `key`: lower is evicted first (here: last use, i.e. LRU)."""
         return (float(self.last_use.get(key, -1)),)
 
     def victim(self, candidates: Iterable[Key]) -> Key:
+        """The candidate with the lowest rank: the one to evict."""
         return min(candidates, key=self.rank)
 
 
@@ -67,10 +74,12 @@ class LFU(Policy):
         self.count: dict[Key, int] = {}
 
     def touch(self, key: Key) -> None:
+        """Records a request and counts it."""
         super().touch(key)
         self.count[key] = self.count.get(key, 0) + 1
 
     def rank(self, key: Key) -> tuple[float, ...]:
+        """(request count, last use): the least frequently used goes first, ties by recency."""
         return (float(self.count.get(key, 0)), float(self.last_use.get(key, -1)))
 
 
@@ -101,6 +110,12 @@ class Predictive(Policy):
         self.demoted: set[Key] = set()
 
     def observe(self, layer: int, probs_E: torch.Tensor | None) -> None:
+        """Folds one step's router probabilities of `layer` into its decayed scores.
+
+        Args:
+            layer: the MoE layer.
+            probs_E: [E] router probabilities (predicted or observed), or None (nothing to learn).
+        """
         if probs_E is None:
             return
         probs = probs_E.detach().float().cpu().tolist()
@@ -109,6 +124,7 @@ class Predictive(Policy):
         self.score[layer] = probs if prev is None else [d * a + (1 - d) * b for a, b in zip(prev, probs, strict=True)]
 
     def touch(self, key: Key) -> None:
+        """Records a request; a requested expert's score gets a bonus and is no longer demoted."""
         super().touch(key)
         self.demoted.discard(key)
         layer, e = key
@@ -120,14 +136,17 @@ class Predictive(Policy):
         self.demoted.add(key)
 
     def forget(self, key: Key) -> None:
+        """Records that `key` left the cache."""
         self.demoted.discard(key)
 
     def value(self, key: Key) -> float:
+        """The decayed router score of `key` = (layer, expert) (0.0 for a layer not seen yet)."""
         layer, e = key
         s = self.score.get(layer)
         return s[e] if s is not None else 0.0
 
     def rank(self, key: Key) -> tuple[float, ...]:
+        """(not demoted, score, last use): demoted guesses go first, then the lowest scores."""
         return (0.0 if key in self.demoted else 1.0, self.value(key), float(self.last_use.get(key, -1)))
 
 
@@ -149,6 +168,7 @@ class Belady(Policy):
         self.position = 0  # number of touches so far
 
     def touch(self, key: Key) -> None:
+        """Advances along the trace; raises ValueError when the request is not the trace's next one."""
         super().touch(key)
         uses = self.uses.get(key)
         if uses is None or self.pos.get(key, 0) >= len(uses) or uses[self.pos.get(key, 0)] != self.position:
@@ -157,11 +177,13 @@ class Belady(Policy):
         self.position += 1
 
     def next_use(self, key: Key) -> int:
+        """Position of the next request of `key` in the trace (a huge number when never again)."""
         uses = self.uses.get(key, [])
         i = self.pos.get(key, 0)
         return uses[i] if i < len(uses) else 1 << 62
 
     def rank(self, key: Key) -> tuple[float, ...]:
+        """Minus the next use: the expert needed furthest in the future goes first."""
         return (-float(self.next_use(key)),)
 
 

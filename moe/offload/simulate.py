@@ -13,6 +13,8 @@ from moe.offload.engine import CacheEngine
 from moe.offload.policies import Belady, Policy, make_policy
 from moe.offload.trace import Trace
 
+__all__ = ["simulate", "shuffled", "iid_hit_rate"]
+
 
 def simulate(
     trace: Trace,

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["Key", "ExpertShape", "Reader", "DeviceEntry", "ExpertStore"]
+
+
 Key = tuple[int, int]
 
 
@@ -31,6 +34,7 @@ class ExpertShape:
 
     @property
     def numel(self) -> int:
+        """Elements of one coalesced expert buffer: D * F (w_in) + H * D (w_out)."""
         return self.dim * self.width + self.hidden * self.dim
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +91,7 @@ class ExpertStore:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload")
 
     def expert_bytes(self, layer: int) -> int:
+        """Bytes of one expert of `layer` (its coalesced buffer in the store's dtype)."""
         return self.shapes[layer].numel * torch.empty((), dtype=self.dtype).element_size()
 
     # ---- RAM tier (filled by the worker thread; looked up under the lock) ----
@@ -203,4 +208,5 @@ class ExpertStore:
             entry.future.exception()  # waits; a failed read must not fail the eviction that drops it
 
     def close(self) -> None:
+        """Stops the copy worker thread, after the copies already queued."""
         self._worker.shutdown(wait=True)

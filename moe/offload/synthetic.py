@@ -20,6 +20,8 @@ import torch
 from moe.config import check_int, check_unit, positional_deprecated
 from moe.offload.trace import Trace
 
+__all__ = ["SyntheticConfig", "synthetic_trace"]
+
 
 @positional_deprecated
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,8 @@ import torch
 
 from moe.offload.policies import Key
 
+__all__ = ["Trace", "TraceBuilder", "TraceRecorder"]
+
 
 @dataclass
 class Trace:
@@ -37,13 +39,16 @@ class Trace:
 
     @property
     def num_steps(self) -> int:
+        """S: the number of layer steps in the trace."""
         return int(self.layer_S.shape[0])
 
     @property
     def lookahead(self) -> int:
+        """A: how many later layers ahead_SAE covers (0 without it)."""
         return 0 if self.ahead_SAE is None else int(self.ahead_SAE.shape[1])
 
     def needed(self, s: int) -> list[int]:
+        """The experts with tokens at step `s`, ascending (experts_SM[s] without its -1 padding)."""
         row = self.experts_SM[s]
         return [int(e) for e in row[row >= 0].tolist()]
 
@@ -106,12 +111,23 @@ class TraceBuilder:
     def add(
         self, layer: int, needed: list[int], probs_E: torch.Tensor | None, ahead: list[tuple[int, torch.Tensor]]
     ) -> None:
+        """Appends one layer step.
+
+        Args:
+            layer: the MoE layer ordinal.
+            needed: the experts with tokens at this step (any order).
+            probs_E: [E'] mean router probabilities of the step (E' <= E; padded with 0), or None.
+            ahead: (later layer, probs [E']) per layer ahead, as in ahead_SAE.
+        """
         self.layers.append(layer)
         self.experts.append(sorted(needed))
         self.probs.append(probs_E)
         self.ahead.append(ahead)
 
     def build(self, expert_bytes: int = 1, source: str = "") -> Trace:
+        """The Trace of the steps added so far (experts_SM [S, M] padded with -1, probs_SE and
+        ahead_SAE only when every step had them); expert_bytes and source are kept as metadata.
+        """
         s, e = len(self.layers), self.num_experts
         width = max((len(x) for x in self.experts), default=1) or 1
         experts = torch.full((s, width), -1, dtype=torch.int64)
@@ -196,4 +212,5 @@ class TraceRecorder:
         return hook
 
     def trace(self, source: str = "recorded") -> Trace:
+        """The Trace of everything recorded so far."""
         return self.builder.build(source=source)

@@ -7,6 +7,9 @@ import torch
 from moe import reference
 from moe.ops import registry
 
+__all__ = ["swiglu"]
+
+
 registry.register("swiglu", "reference", reference.swiglu)
 
 

@@ -28,6 +28,9 @@ import torch
 from moe import reference
 from moe.ops import registry
 
+__all__ = ["NAME", "BUILD_COMMAND", "loaded", "sort_by_expert", "permute", "unpermute", "grouped_mm", "swiglu"]
+
+
 NAME = "cpp"
 BUILD_COMMAND = "pip install --no-build-isolation --no-deps -e .  (in the repository root; or `make venv`)"
 

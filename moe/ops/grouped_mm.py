@@ -11,6 +11,8 @@ import torch
 from moe import reference
 from moe.ops import registry
 
+__all__ = ["register_autograd", "grouped_mm"]
+
 
 @torch.library.custom_op("moe_ref::grouped_mm", mutates_args=())
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

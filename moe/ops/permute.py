@@ -7,6 +7,9 @@ import torch
 from moe import reference
 from moe.ops import registry
 
+__all__ = ["sort_by_expert", "permute"]
+
+
 registry.register("sort_by_expert", "reference", reference.sort_by_expert)
 registry.register("permute", "reference", reference.permute)
 

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+__all__ = ["OPS", "AUTO_PRIORITY", "register", "register_delegate", "backends_for", "resolve"]
+
+
 OPS = ("sort_by_expert", "permute", "unpermute", "grouped_mm", "swiglu")
 
 # Fastest first. A backend appears only once it has registered an implementation.

@@ -21,6 +21,9 @@ from moe import reference
 from moe.ops import registry
 from moe.ops.grouped_mm import register_autograd
 
+__all__ = ["NAME", "available", "grouped_mm"]
+
+
 NAME = "torch"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 from moe.ops import registry
 
+__all__ = ["NAME", "triton_installed", "kernel_ops", "available", "uses_triton", "expert_mlp"]
+
+
 NAME = "triton"
 
 

@@ -7,6 +7,9 @@ import torch
 from moe import reference
 from moe.ops import registry
 
+__all__ = ["unpermute"]
+
+
 registry.register("unpermute", "reference", reference.unpermute)
 
 

@@ -1,15 +1,15 @@
 """Expert parallelism: sharded experts, all-to-all dispatch/combine, layouts, pipelining, planner.
 
-`moe.MoE(..., process_group=group)` turns it on; see moe.parallel.runtime.ExpertParallel.
+`moe.MoE(..., process_group=group)` turns it on; see moe.parallel.expert_parallel.ExpertParallel.
 """
 
-from moe.parallel.checkpoint import load_checkpoint, save_checkpoint
-from moe.parallel.comm import all_to_all, check_same_config, hierarchical_all_to_all
+from moe.parallel.alltoall import all_to_all, check_same_config, hierarchical_all_to_all
 from moe.parallel.dispatcher import ExpertParallelDispatcher
-from moe.parallel.experts import ParallelExperts
+from moe.parallel.expert_parallel import ExpertParallel
 from moe.parallel.layout import valid_modes
 from moe.parallel.planner import Plan, Planner, PlannerConfig
-from moe.parallel.runtime import ExpertParallel
+from moe.parallel.sharded_checkpoint import load_checkpoint, save_checkpoint
+from moe.parallel.sharded_experts import ParallelExperts
 
 __all__ = [
     "ExpertParallel",

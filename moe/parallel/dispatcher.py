@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from moe import ops
 from moe.dispatch import Dispatcher
-from moe.parallel.comm import (
+from moe.parallel.alltoall import (
     PendingExchange,
     all_to_all,
     exchange_counts,
@@ -37,7 +37,7 @@ from moe.parallel.comm import (
     start_all_to_all,
     wait_all_to_all,
 )
-from moe.parallel.experts import ParallelExperts
+from moe.parallel.sharded_experts import ParallelExperts
 from moe.routing.base import Routing
 
 

@@ -25,7 +25,18 @@ from typing import Any
 
 import torch
 
-from moe.parallel.comm import all_to_all
+from moe.parallel.alltoall import all_to_all
+
+__all__ = [
+    "valid_modes",
+    "check_layout",
+    "UnitSet",
+    "stored_units",
+    "needed_units",
+    "to_units",
+    "from_units",
+    "UnitExchange",
+]
 
 
 def valid_modes(num_experts: int, hidden_dim: int, world: int) -> list[int]:

@@ -27,10 +27,13 @@ import torch
 import torch.distributed as dist
 
 from moe.config import PlannerConfig
-from moe.parallel.comm import collective_device
+from moe.parallel.alltoall import collective_device
+
+__all__ = ["mode_name", "Plan", "Planner", "PlannerConfig", "timer"]
 
 
 def mode_name(mode: int) -> str:
+    """Short name of a compute mode r: 0 -> 'dp', 1 -> 'ep', r > 1 -> 'ep+shard<r>'."""
     return "dp" if mode == 0 else "ep" if mode == 1 else f"ep+shard{mode}"
 
 
@@ -246,4 +249,5 @@ class Planner:
 
 
 def timer() -> float:
+    """The planner's clock in seconds (time.perf_counter; a function so tests can replace it)."""
     return time.perf_counter()

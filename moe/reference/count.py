@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["count_tokens", "sort_by_expert"]
+
 
 def count_tokens(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Counts token copies per expert.

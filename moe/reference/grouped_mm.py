@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["segment_ends", "grouped_mm", "grouped_mm_wgrad"]
+
 
 def segment_ends(counts_E: torch.Tensor, num_rows: int) -> list[int]:
     """End row of each expert's segment (one host read of counts_E).

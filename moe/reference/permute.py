@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["permute"]
+
 
 def permute(x_TD: torch.Tensor, token_idx_N: torch.Tensor) -> torch.Tensor:
     """Returns x_sorted [N, D] with x_sorted[j] = x_TD[token_idx_N[j]] (autograd: index_add back)."""

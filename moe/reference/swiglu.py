@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["swiglu", "swiglu_backward"]
+
 
 def swiglu(h_NF: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for h_NF = [gate | up].

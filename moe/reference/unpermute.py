@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["unpermute", "unpermute_backward"]
+
 
 def unpermute(y_ND: torch.Tensor, token_idx_N: torch.Tensor, weights_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Combines expert outputs.

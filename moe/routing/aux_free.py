@@ -18,6 +18,8 @@ from moe.reference import count_tokens
 from moe.routing.base import Router, Routing
 from moe.routing.losses import sequence_balance_loss
 
+__all__ = ["group_limited_topk", "AuxFreeRouter"]
+
 
 def group_limited_topk(
     choice_TE: torch.Tensor, top_k: int, n_group: int, topk_group: int, group_score: str = "top2_sum"
@@ -97,6 +99,16 @@ class AuxFreeRouter(Router):
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
+        """DeepSeek-V3 routing of a batch (see the module docstring for the formulas).
+
+        Args:
+            x_TD: [T, D] tokens.
+            token_mask: [T] bool, False = padding (left out of the load counts and the loss); None = all.
+            seq_len: tokens per sequence, for the sequence-wise balance loss (when its coefficient is > 0).
+        Returns:
+            Routing with expert_ids [T, K] (chosen on score + bias), weights [T, K] (from the score alone,
+            scaled), probs [T, E] and the weighted aux losses; in training the loads feed update().
+        """
         cfg = self.config
         scores, ids = self._select(x_TD)
         weights = scores.gather(1, ids)

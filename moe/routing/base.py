@@ -12,6 +12,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+__all__ = ["Routing", "Router", "masked_mean"]
+
 
 @dataclass
 class Routing:

@@ -16,6 +16,8 @@ from torch import nn
 from moe.config import ExpertChoiceConfig
 from moe.routing.base import Router, Routing
 
+__all__ = ["ExpertChoiceRouter"]
+
 
 class ExpertChoiceRouter(Router):
     """S = softmax(x W^T) [T, E]; expert e keeps its top C = ceil(T * c / E) tokens (C <= T).
@@ -32,6 +34,7 @@ class ExpertChoiceRouter(Router):
         nn.init.normal_(self.weight, std=dim**-0.5)
 
     def capacity(self, num_tokens: int) -> int:
+        """C: tokens each expert picks from a batch of `num_tokens` (at most num_tokens)."""
         return min(num_tokens, math.ceil(num_tokens * self.config.capacity_factor / self.num_experts))
 
     def _choose(
@@ -61,6 +64,16 @@ class ExpertChoiceRouter(Router):
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
+        """Each expert picks its top-C tokens of the batch (not causal: see the module docstring).
+
+        Args:
+            x_TD: [T, D] tokens.
+            token_mask: [T] bool, False = padding (never picked); None = all tokens.
+            seq_len: unused.
+        Returns:
+            Routing with expert_ids [T, E] (-1 where expert e did not pick token t), weights [T, E]
+            (the probability where picked, else 0), probs [T, E], no aux losses; N = E * C.
+        """
         probs, chosen, ids, c = self._choose(x_TD, token_mask)
         weights = torch.where(chosen, probs, 0.0)
         return Routing(ids, weights, {}, probs, self.num_experts * c)

@@ -11,6 +11,8 @@ import torch
 from moe.reference import count_tokens
 from moe.routing.base import masked_mean
 
+__all__ = ["balance_loss", "z_loss", "sequence_balance_loss"]
+
 
 def _masked_ids(expert_ids_TK: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     if token_mask is None:

@@ -33,6 +33,9 @@ from moe.config import RecurrentConfig
 from moe.routing.base import Router, Routing
 from moe.routing.topk import router_losses, softmax_topk
 
+__all__ = ["MAX_PASSES", "RecurrentCore", "RecurrentRouter", "tie_recurrent_routers"]
+
+
 MAX_PASSES = 4  # forward passes whose input states are kept for activation-checkpoint recompute
 
 
@@ -159,6 +162,15 @@ class RecurrentRouter(Router):
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
+        """Routes with the GRU state shared across layers (RMoE): softmax top-k of the recurrent logits.
+
+        Args:
+            x_TD: [T, D] tokens of this layer.
+            token_mask: [T] bool, False = padding (left out of the aux losses); None = all tokens.
+            seq_len: unused.
+        Returns:
+            Routing with expert_ids [T, K], weights [T, K], probs [T, E] and the balance / z losses.
+        """
         h = self.core.step(self.layer_index, self._project(x_TD))
         logits = (h @ self.proj_out.weight.float().t()).float()
         probs, weights, ids = softmax_topk(logits, self.top_k, self.config.norm_topk_prob)

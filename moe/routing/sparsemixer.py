@@ -19,6 +19,8 @@ from torch import nn
 
 from moe.routing.base import Router, Routing
 
+__all__ = ["SparseMixerConfig", "sparsemixer_eval", "SparseMixerRouter"]
+
 
 @dataclass(frozen=True, kw_only=True)
 class SparseMixerConfig:
@@ -72,6 +74,14 @@ class SparseMixerRouter(Router):
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
+        """PhiMoE's sparsemixer top-2 in eval mode (training mode raises NotImplementedError).
+
+        Args:
+            x_TD: [T, D] tokens.
+            token_mask, seq_len: unused.
+        Returns:
+            Routing with expert_ids [T, 2], weights [T, 2] fp32, probs [T, E] (softmax of the logits), no losses.
+        """
         if self.training:
             raise NotImplementedError(
                 "SparseMixerRouter: training-mode sparsemixer (Gumbel sampling with a straight-through "
