@@ -21,6 +21,7 @@ Activation = Literal["swiglu", "gelu"]
 Backend = Literal["auto", "reference", "cpp", "triton", "torch"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 GroupScore = Literal["top2_sum", "max"]
+RoutingDtype = Literal["float32", "model"]
 
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("auto", "reference", "cpp", "triton", "torch")
@@ -101,18 +102,36 @@ class TopKConfig:
         aux_loss_coef: weight of the Switch/GShard balance loss alpha * E * sum_i f_i P_i.
         z_loss_coef: weight of the ST-MoE router z-loss mean(logsumexp(logits)^2).
         jitter: multiplicative input noise U(1 - jitter, 1 + jitter) in training (Switch).
+        routing_dtype: "float32" (default): logits from fp32 copies of x and W. "model": logits
+            x W^T (+ b) in x's dtype, as Hugging Face's Mixtral / Qwen / OLMoE / Granite / GPT-OSS
+            routers compute them; softmax, top-k and renormalisation then run in fp32 on those
+            logits. Same as "float32" for fp32 inputs.
+        round_weights: with routing_dtype="model", round the gate weights to x's dtype (they
+            stay fp32 tensors holding those values): HF's Qwen / OLMoE / Jamba / Granite / GPT-OSS
+            routers return them in the model dtype, Mixtral's and MiniMax's in fp32.
+        softmax_after_topk: weights = softmax over the k largest logits (Granite-MoE, GPT-OSS)
+            instead of the top-k of the softmax over all experts; the same up to rounding as
+            renormalised top-k probabilities, so it requires norm_topk_prob=True.
+        bias: logits = x W^T + b with a learned bias b [E] (GPT-OSS); the router's `bias`.
     """
 
     norm_topk_prob: bool = True
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 0.0
     jitter: float = 0.0
+    routing_dtype: RoutingDtype = "float32"
+    round_weights: bool = False
+    softmax_after_topk: bool = False
+    bias: bool = False
 
     def __post_init__(self) -> None:
         _check_non_negative("aux_loss_coef", self.aux_loss_coef)
         _check_non_negative("z_loss_coef", self.z_loss_coef)
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        _check_choice("routing_dtype", self.routing_dtype, ("float32", "model"))
+        if self.softmax_after_topk and not self.norm_topk_prob:
+            raise ValueError("softmax_after_topk=True gives normalised weights; it requires norm_topk_prob=True")
 
 
 @dataclass(frozen=True, kw_only=True)

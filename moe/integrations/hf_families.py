@@ -58,8 +58,9 @@ def _unnormalised_topk_router(block: nn.Module) -> RouterConfig:
 
 
 def _normalised_topk_router(block: nn.Module) -> RouterConfig:
-    # Granite-MoE: softmax over the top-k logits == the top-k softmax probabilities renormalised.
-    return TopKConfig(norm_topk_prob=True, aux_loss_coef=0.0)
+    # Granite-MoE: softmax over the top-k logits (== the top-k softmax probabilities renormalised,
+    # up to rounding; computed HF's way).
+    return TopKConfig(norm_topk_prob=True, aux_loss_coef=0.0, softmax_after_topk=True)
 
 
 def _sparsemixer_router(block: nn.Module) -> Any:
@@ -119,6 +120,8 @@ class FamilySpec:
         router_logits_fp32: HF computes the router logits from fp32 copies of x and W (GLM-4.5,
             dots1, DeepSeek-V3); otherwise in the model dtype. Used for output_router_logits and
             routing_dtype="model".
+        rounds_weights: HF's router returns the gate weights in the model dtype (Qwen, OLMoE,
+            Jamba, Granite); Mixtral and MiniMax return them in fp32. Used by routing_dtype="model".
     """
 
     family: str
@@ -130,10 +133,18 @@ class FamilySpec:
     per_expert_returns_logits: bool = False
     router_attr: str = "gate"
     router_logits_fp32: bool = False
+    rounds_weights: bool = True
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec("Mixtral", ("MixtralSparseMoeBlock",), "topk", _mixtral_router, per_expert_returns_logits=True),
+    FamilySpec(
+        "Mixtral",
+        ("MixtralSparseMoeBlock",),
+        "topk",
+        _mixtral_router,
+        per_expert_returns_logits=True,
+        rounds_weights=False,
+    ),
     FamilySpec(
         "Qwen2-MoE",
         ("Qwen2MoeSparseMoeBlock",),
@@ -160,7 +171,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         "dots1", ("Dots1MoE",), "aux_free", _deepseek_v3_router, shared_expert="shared_experts", router_logits_fp32=True
     ),
-    FamilySpec("MiniMax", ("MiniMaxSparseMoeBlock",), "topk", _mixtral_router),
+    FamilySpec("MiniMax", ("MiniMaxSparseMoeBlock",), "topk", _mixtral_router, rounds_weights=False),
     FamilySpec(
         "Qwen3-Next",
         ("Qwen3NextSparseMoeBlock",),

@@ -21,9 +21,10 @@ logits, so HF's own aux loss comes from our routers); moe.aux_loss(model) also w
 unpatch(model) before save_pretrained gives a checkpoint the unpatched HF class loads.
 
 Differences that remain, by design:
-    - Our routers compute logits in fp32 from fp32 copies of x and W; HF's Mixtral/Qwen/OLMoE
-      routers compute them in the model dtype first, so bf16/fp16 routing can differ on near-ties
-      (fp32 models match exactly). There is no routing-dtype option yet.
+    - By default our routers compute logits in fp32 from fp32 copies of x and W; HF's Mixtral /
+      Qwen / OLMoE / MiniMax / Jamba / Granite / PhiMoE routers compute them in the model dtype,
+      so bf16/fp16 routing can differ on near-ties (fp32 models match exactly).
+      patch(model, routing_dtype="model") routes HF's way: ids and gate weights bit for bit.
     - Mixtral's training jitter multiplies the expert input too in HF; ours scales the router input only.
     - DeepSeek-V3 on 4.57 masked dropped groups with 0.0 (a bug); we use -inf like 5.x.
 """
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.config import AuxFreeConfig, TopKConfig
 from moe.integrations.hf_families import (
     PER_EXPERT_NAMES,
     SUPPORTED_BLOCKS,
@@ -82,7 +84,23 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
-def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str, Any]) -> tuple[MoE, bool]:
+ROUTING_DTYPES = ("float32", "model")
+
+
+def _with_routing_dtype(config: Any, spec: FamilySpec, routing_dtype: str) -> Any:
+    """The router config routing as HF does in half precision (routing_dtype="model"), or as it is."""
+    if routing_dtype not in ROUTING_DTYPES:
+        raise ValueError(f"routing_dtype must be one of {ROUTING_DTYPES}, got {routing_dtype!r}")
+    if routing_dtype == "float32" or isinstance(config, AuxFreeConfig):  # HF routes aux-free families in fp32
+        return config
+    if isinstance(config, TopKConfig):
+        return dataclasses.replace(config, routing_dtype="model", round_weights=spec.rounds_weights)
+    return dataclasses.replace(config, routing_dtype="model")  # sparsemixer: all in the model dtype
+
+
+def _build(
+    block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str, Any], routing_dtype: str = "float32"
+) -> tuple[MoE, bool]:
     check_silu(block)
     weights = expert_weights(block)
     num_experts, dim, width = weights.w_in.shape
@@ -105,6 +123,7 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
                 f"it accepts {sorted(allowed)}"
             )
         router_config = dataclasses.replace(router_config, **overrides)
+    router_config = _with_routing_dtype(router_config, spec, routing_dtype)
     top_k = int(_top_k(block))
     shared = getattr(block, spec.shared_expert) if spec.shared_expert else None
     shared_gate = getattr(block, spec.shared_expert_gate) if spec.shared_expert_gate else None
@@ -148,13 +167,18 @@ def _top_k(block: nn.Module) -> int:
     return int(read_option(block, "top_k", "num_experts_per_tok"))
 
 
-def from_hf(block: nn.Module, *, backend: str = "auto", **router_overrides: Any) -> MoE:
+def from_hf(block: nn.Module, *, backend: str = "auto", routing_dtype: str = "float32", **router_overrides: Any) -> MoE:
     """Builds a moe.MoE with the same routing and (copied) weights as a Hugging Face MoE block.
 
     Args:
         block: e.g. MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock,
             OlmoeSparseMoeBlock, DeepseekV3MoE, DeepseekV2Moe (see SUPPORTED_BLOCKS).
         backend: op backend of the new layer.
+        routing_dtype: "float32" (default: logits from fp32 copies of x and W) or "model": route
+            exactly as the HF router does in the model's dtype (bf16/fp16 logits, then HF's
+            softmax / top-k / renormalisation and gate-weight dtype), so the expert ids and gate
+            weights equal HF's bit for bit in half precision. DeepSeek-V2/V3, GLM-4.5 and dots1
+            route in fp32 in HF too: for them both values are the same.
         **router_overrides: fields of the derived router config to replace, e.g.
             aux_loss_coef=1e-2 (top-k families; default 0.0, as HF blocks add no loss themselves)
             or seq_aux_loss_coef=1e-4 / bias_update_rate (DeepSeek).
@@ -167,7 +191,7 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **router_overrides: Any)
         TypeError: the block's class is not supported (the message lists the supported ones),
             its experts use a layout or activation moe.MoE cannot represent, or an override is unknown.
     """
-    layer, _ = _build(block, spec_for(block), backend, router_overrides)
+    layer, _ = _build(block, spec_for(block), backend, router_overrides, routing_dtype)
     return layer
 
 
@@ -286,7 +310,14 @@ def scan(model: nn.Module) -> list[BlockReport]:
     return reports
 
 
-def patch(model: nn.Module, *, backend: str = "auto", strict: bool = False, **router_overrides: Any) -> int:
+def patch(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    strict: bool = False,
+    routing_dtype: str = "float32",
+    **router_overrides: Any,
+) -> int:
     """Replaces every supported sparse MoE block inside `model` in place with an HFMoEBlock.
 
     Weights are copied, then the HF block is dropped from the model (kept as an empty meta
@@ -299,7 +330,8 @@ def patch(model: nn.Module, *, backend: str = "auto", strict: bool = False, **ro
 
     Args:
         model: any nn.Module, typically a transformers PreTrainedModel.
-        backend, **router_overrides: as in from_hf, applied to every block.
+        backend, routing_dtype, **router_overrides: as in from_hf, applied to every block
+            (routing_dtype="model": HF's half-precision routing bit for bit, hence its greedy tokens).
         strict: raise on the first block left untouched instead of warning.
 
     Returns:
@@ -323,7 +355,7 @@ def patch(model: nn.Module, *, backend: str = "auto", strict: bool = False, **ro
     targets = [(r.name, model.get_submodule(r.name)) for r in reports if r.reason is None]
     for name, block in targets:
         spec = spec_for(block)
-        layer, returns_logits = _build(block, spec, backend, router_overrides)
+        layer, returns_logits = _build(block, spec, backend, router_overrides, routing_dtype)
         wrapper = HFMoEBlock(layer, returns_logits, type(block).__name__, spec)
         wrapper.train(block.training)
         object.__setattr__(wrapper, "_hf_skeleton", block.to("meta"))  # not a submodule: not in state_dict
