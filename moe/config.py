@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 if TYPE_CHECKING:
     from moe.parallel.planner import Plan
 
-Activation = Literal["swiglu", "gelu"]
+Activation = Literal["swiglu", "gelu", "swiglu_oai"]
 Backend = Literal["auto", "reference", "cpp", "triton", "torch"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 GroupScore = Literal["top2_sum", "max"]
 RoutingDtype = Literal["float32", "model"]
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "swiglu_oai")
 BACKENDS = ("auto", "reference", "cpp", "triton", "torch")
 
 
@@ -331,7 +331,10 @@ class MoEConfig:
         top_k: K, experts per token (for expert choice: ignored by routing, still validated).
         router: router name; its options go in `router_config`.
         router_config: the router's config dataclass; None = that router's defaults.
-        activation: "swiglu" (silu(x W_gate) * x W_up) or "gelu".
+        activation: "swiglu" (silu(x W_gate) * x W_up), "gelu", or "swiglu_oai" (GPT-OSS:
+            (clamp(x W_up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(x W_gate, l)).
+        expert_bias: routed experts have biases b_in [E, F], b_out [E, D] (GPT-OSS).
+        swiglu_alpha, swiglu_limit: alpha and l of "swiglu_oai" (GPT-OSS: 1.702, 7.0).
         num_shared_experts: always-on experts (DeepSeekMoE), merged into one MLP of width
             num_shared_experts * hidden_dim unless shared_expert_hidden_dim is given.
         shared_expert_hidden_dim: explicit width of the shared MLP (Qwen2-MoE style).
@@ -356,6 +359,9 @@ class MoEConfig:
     capacity_factor: float | None = None
     backend: Backend = "auto"
     parallel: ParallelConfig | None = None
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         _check_positive_int("dim", self.dim)
@@ -374,6 +380,15 @@ class MoEConfig:
             )
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_finite_positive("swiglu_alpha", self.swiglu_alpha)
+        _check_finite_positive("swiglu_limit", self.swiglu_limit)
+        if self.parallel is not None and (self.expert_bias or self.activation == "swiglu_oai"):
+            raise ValueError(
+                "expert_bias and activation='swiglu_oai' run on one device only; expert-parallel experts "
+                "(moe.parallel) do not carry them yet"
+            )
+        if self.num_shared_experts and self.activation == "swiglu_oai":
+            raise ValueError("shared experts are 'swiglu' or 'gelu' MLPs; activation='swiglu_oai' has none")
         if self.parallel is not None and not isinstance(self.parallel, ParallelConfig):
             raise TypeError(f"parallel must be None or a ParallelConfig, got {type(self.parallel).__name__}")
         if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int):

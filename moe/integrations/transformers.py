@@ -11,9 +11,11 @@ Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, OLMoE, DeepSeek-V3 
 router, group-limited selection, ungated shared experts), DeepSeek-V2 (softmax, greedy or
 group_limited_greedy), GLM-4.5 / GLM-4.5-lite / GLM-4.5V text (DeepSeek-V3 routing), dots1,
 MiniMax, Qwen3-Next, Jamba, Granite-MoE (+Shared: its shared_mlp sits outside the block and stays
-HF's), PhiMoE (sparsemixer top-2, eval mode only: training-mode sparsemixer samples and raises).
+HF's), PhiMoE (sparsemixer top-2, eval mode only: training-mode sparsemixer samples and raises),
+GPT-OSS (router bias, softmax over the top-k logits; experts with biases and the clamped
+"swiglu_oai" activation, interleaved gate/up columns de-interleaved on the way in; one device, not offloaded).
 Blocks that hold `experts` but are not one of these are left untouched with a warning naming the
-block and the reason (GPT-OSS: expert biases and clamped SwiGLU; unknown classes: unverified math).
+block and the reason (unknown classes: unverified math).
 transformers itself is never imported: blocks are recognised by class name (moe.integrations.hf_families).
 
 After patch(): output_router_logits=True works (our blocks hand HF's output collector the router
@@ -49,6 +51,7 @@ from moe.integrations.hf_families import (
     FamilySpec,
     check_silu,
     expert_weights,
+    interleave,
     read_option,
     spec_for,
 )
@@ -111,9 +114,9 @@ def _build(
             f"{type(block).__name__}.{spec.router_attr}.weight has shape {tuple(router_weight.shape)}, expected "
             f"[num_experts, dim] = [{num_experts}, {dim}]"
         )
-    if getattr(gate, "bias", None) is not None:
-        raise TypeError(f"{type(block).__name__}.{spec.router_attr} has a bias; our routers have none")
     router_config = spec.router_config(block)
+    if getattr(gate, "bias", None) is not None and not getattr(router_config, "bias", False):
+        raise TypeError(f"{type(block).__name__}.{spec.router_attr} has a bias; this family's router has none")
     if overrides:
         allowed = {f.name for f in dataclasses.fields(router_config)}
         unknown = sorted(set(overrides) - allowed)
@@ -145,10 +148,20 @@ def _build(
             shared_expert_gate=shared_gate is not None,
             backend=backend,
             router_config=None if isinstance(router, Router) else router_config,
+            activation=spec.activation,
+            expert_bias=weights.b_in is not None,
+            swiglu_alpha=float(getattr(block.experts, "alpha", 1.702)),
+            swiglu_limit=float(getattr(block.experts, "limit", 7.0)),
         )
     _copy_into(layer.experts.w_in, weights.w_in)
     _copy_into(layer.experts.w_out, weights.w_out)
+    if weights.b_in is not None and weights.b_out is not None:
+        assert layer.experts.b_in is not None and layer.experts.b_out is not None
+        _copy_into(layer.experts.b_in, weights.b_in)
+        _copy_into(layer.experts.b_out, weights.b_out)
     _copy_into(_tensor(layer.router, "weight"), router_weight)
+    if getattr(router_config, "bias", False):
+        _copy_into(_tensor(layer.router, "bias"), gate.bias)
     bias = getattr(gate, "e_score_correction_bias", None)
     if spec.router == "aux_free" and isinstance(bias, torch.Tensor):
         _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float())  # the bias stays fp32 in any dtype
@@ -160,7 +173,7 @@ def _build(
         assert layer.shared_expert_gate is not None
         _copy_into(layer.shared_expert_gate.weight, shared_gate.weight)
     layer.train(block.training)
-    return layer, weights.per_expert and spec.per_expert_returns_logits
+    return layer, (weights.per_expert and spec.per_expert_returns_logits) or spec.returns_tuple
 
 
 def _top_k(block: nn.Module) -> int:
@@ -230,9 +243,10 @@ class HFMoEBlock(nn.Module):
         """[T, E] logits as the HF router computes them (model dtype, or fp32 for GLM-4.5 / dots1 / DeepSeek-V3)."""
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         weight = _tensor(self.moe.router, "weight")
+        bias = getattr(self.moe.router, "bias", None)
         if self.spec is not None and self.spec.router_logits_fp32:
             return F.linear(x_TD.float(), weight.float())
-        return F.linear(x_TD, weight.to(x_TD.dtype))
+        return F.linear(x_TD, weight.to(x_TD.dtype), None if bias is None else bias.to(x_TD.dtype))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.moe(hidden_states)
@@ -248,13 +262,7 @@ class HFMoEBlock(nn.Module):
 
 
 # Blocks we recognise but cannot express exactly, and why (patch leaves them untouched).
-REFUSED_BLOCKS: dict[str, str] = {
-    "GptOssMLP": (
-        "GPT-OSS experts have biases (gate_up_proj_bias, down_proj_bias), a clamped SwiGLU "
-        "((up + 1) * gate * sigmoid(alpha * gate), clamped at limit) on interleaved gate/up columns and a "
-        "router bias with softmax over the top-k logits; moe.MoE experts are bias-free silu(gate) * up"
-    ),
-}
+REFUSED_BLOCKS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -288,8 +296,8 @@ def _refusal(block: nn.Module) -> str | None:
         expert_weights(block)
         spec.router_config(block)
         gate = getattr(block, spec.router_attr)
-        if getattr(gate, "bias", None) is not None:
-            return f"{spec.router_attr} has a bias; our routers have none"
+        if getattr(gate, "bias", None) is not None and not getattr(spec.router_config(block), "bias", False):
+            return f"{spec.router_attr} has a bias; this family's router has none"
     except TypeError as e:
         return str(e)
     return None
@@ -392,7 +400,13 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
     w_in, w_out = layer.experts.w_in, layer.experts.w_out
     hidden = w_out.shape[1]
     experts: Any = block.experts
-    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+    if spec.activation == "swiglu_oai":  # GPT-OSS: x @ w layout, interleaved gate/up, biases
+        assert layer.experts.b_in is not None and layer.experts.b_out is not None
+        _assign(experts, "gate_up_proj", interleave(w_in), written)
+        _assign(experts, "gate_up_proj_bias", interleave(layer.experts.b_in), written)
+        _assign(experts, "down_proj", w_out, written)
+        _assign(experts, "down_proj_bias", layer.experts.b_out, written)
+    elif isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
         _assign(experts, "gate_up_proj", w_in.transpose(1, 2), written)
         _assign(experts, "down_proj", w_out.transpose(1, 2), written)
     else:
@@ -403,6 +417,8 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
             _assign(getattr(mlp, names[2]), "weight", w_out[e].t(), written)
     gate = getattr(block, spec.router_attr)
     _assign(gate, "weight", _tensor(layer.router, "weight"), written)
+    if isinstance(getattr(gate, "bias", None), torch.Tensor):
+        _assign(gate, "bias", _tensor(layer.router, "bias"), written)
     if isinstance(getattr(gate, "e_score_correction_bias", None), torch.Tensor):
         _assign(gate, "e_score_correction_bias", _tensor(layer.router, "e_score_correction_bias"), written)
     if spec.shared_expert:
