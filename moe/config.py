@@ -40,12 +40,13 @@ __all__ = [
 ]
 
 
-Activation = Literal["swiglu", "gelu"]
+Activation = Literal["swiglu", "gelu", "swiglu_oai"]
 Backend = Literal["auto", "reference", "cpp", "triton", "torch"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 GroupScore = Literal["top2_sum", "max"]
+RoutingDtype = Literal["float32", "model"]
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "swiglu_oai")
 BACKENDS = ("auto", "reference", "cpp", "triton", "torch")
 
 
@@ -126,18 +127,36 @@ class TopKConfig:
         aux_loss_coef: weight of the Switch/GShard balance loss alpha * E * sum_i f_i P_i.
         z_loss_coef: weight of the ST-MoE router z-loss mean(logsumexp(logits)^2).
         jitter: multiplicative input noise U(1 - jitter, 1 + jitter) in training (Switch).
+        routing_dtype: "float32" (default): logits from fp32 copies of x and W. "model": logits
+            x W^T (+ b) in x's dtype, as Hugging Face's Mixtral / Qwen / OLMoE / Granite / GPT-OSS
+            routers compute them; softmax, top-k and renormalisation then run in fp32 on those
+            logits. Same as "float32" for fp32 inputs.
+        round_weights: with routing_dtype="model", round the gate weights to x's dtype (they
+            stay fp32 tensors holding those values): HF's Qwen / OLMoE / Jamba / Granite / GPT-OSS
+            routers return them in the model dtype, Mixtral's and MiniMax's in fp32.
+        softmax_after_topk: weights = softmax over the k largest logits (Granite-MoE, GPT-OSS)
+            instead of the top-k of the softmax over all experts; the same up to rounding as
+            renormalised top-k probabilities, so it requires norm_topk_prob=True.
+        bias: logits = x W^T + b with a learned bias b [E] (GPT-OSS); the router's `bias`.
     """
 
     norm_topk_prob: bool = True
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 0.0
     jitter: float = 0.0
+    routing_dtype: RoutingDtype = "float32"
+    round_weights: bool = False
+    softmax_after_topk: bool = False
+    bias: bool = False
 
     def __post_init__(self) -> None:
         _check_non_negative("aux_loss_coef", self.aux_loss_coef)
         _check_non_negative("z_loss_coef", self.z_loss_coef)
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        _check_choice("routing_dtype", self.routing_dtype, ("float32", "model"))
+        if self.softmax_after_topk and not self.norm_topk_prob:
+            raise ValueError("softmax_after_topk=True gives normalised weights; it requires norm_topk_prob=True")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -337,7 +356,10 @@ class MoEConfig:
         top_k: K, experts per token (for expert choice: ignored by routing, still validated).
         router: router name; its options go in `router_config`.
         router_config: the router's config dataclass; None = that router's defaults.
-        activation: "swiglu" (silu(x W_gate) * x W_up) or "gelu".
+        activation: "swiglu" (silu(x W_gate) * x W_up), "gelu", or "swiglu_oai" (GPT-OSS:
+            (clamp(x W_up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(x W_gate, l)).
+        expert_bias: routed experts have biases b_in [E, F], b_out [E, D] (GPT-OSS).
+        swiglu_alpha, swiglu_limit: alpha and l of "swiglu_oai" (GPT-OSS: 1.702, 7.0).
         num_shared_experts: always-on experts (DeepSeekMoE), merged into one MLP of width
             num_shared_experts * hidden_dim unless shared_expert_hidden_dim is given.
         shared_expert_hidden_dim: explicit width of the shared MLP (Qwen2-MoE style).
@@ -362,6 +384,9 @@ class MoEConfig:
     capacity_factor: float | None = None
     backend: Backend = "auto"
     parallel: ParallelConfig | None = None
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         _check_positive_int("dim", self.dim)
@@ -380,6 +405,15 @@ class MoEConfig:
             )
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_finite_positive("swiglu_alpha", self.swiglu_alpha)
+        _check_finite_positive("swiglu_limit", self.swiglu_limit)
+        if self.parallel is not None and (self.expert_bias or self.activation == "swiglu_oai"):
+            raise ValueError(
+                "expert_bias and activation='swiglu_oai' run on one device only; expert-parallel experts "
+                "(moe.parallel) do not carry them yet"
+            )
+        if self.num_shared_experts and self.activation == "swiglu_oai":
+            raise ValueError("shared experts are 'swiglu' or 'gelu' MLPs; activation='swiglu_oai' has none")
         if self.parallel is not None and not isinstance(self.parallel, ParallelConfig):
             raise TypeError(f"parallel must be None or a ParallelConfig, got {type(self.parallel).__name__}")
         if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int):

@@ -66,7 +66,8 @@ class MoE(nn.Module):
             ceil(cf * T * K / E) copies; first choices win over second choices, then earlier
             tokens over later ones; dropped copies contribute 0 and are counted in stats. A
             token with a non-finite input is routed nowhere, so it cannot take another's slot.
-        activation: "swiglu" or "gelu".
+        activation: "swiglu", "gelu" or "swiglu_oai" (GPT-OSS's clamped SwiGLU; swiglu_alpha, swiglu_limit).
+        expert_bias: routed experts with biases b_in [E, F], b_out [E, D] (GPT-OSS); one device only.
         backend: op backend, "auto" (fastest correct per device) or a name in moe.ops.registry.
         router_config: the router's config dataclass (alternative to **router_options).
         process_group: None (single process) or a torch.distributed group: experts are stored
@@ -101,6 +102,9 @@ class MoE(nn.Module):
         parallel: ParallelConfig | None = None,
         parallel_plan: Any = None,
         planner_config: Any = None,
+        expert_bias: bool = False,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -127,6 +131,9 @@ class MoE(nn.Module):
             capacity_factor=capacity_factor,
             backend=backend,  # type: ignore[arg-type]
             parallel=parallel,
+            expert_bias=expert_bias,
+            swiglu_alpha=swiglu_alpha,
+            swiglu_limit=swiglu_limit,
         )
         cfg = self.config
         self._custom_router = custom_router is not None
@@ -140,7 +147,16 @@ class MoE(nn.Module):
         # Expert parallel (moe.parallel): this rank stores only its shard of the experts.
         self.parallel = _expert_parallel(self.config, process_group)
         self.experts: Experts = (
-            Experts(num_experts, dim, hidden_dim, activation, backend)
+            Experts(
+                num_experts,
+                dim,
+                hidden_dim,
+                activation,
+                backend,
+                bias=expert_bias,
+                alpha=swiglu_alpha,
+                limit=swiglu_limit,
+            )
             if self.parallel is None
             else self.parallel.experts
         )
@@ -177,6 +193,9 @@ class MoE(nn.Module):
             router_config=config.router_config,
             process_group=process_group,
             parallel=config.parallel,
+            expert_bias=config.expert_bias,
+            swiglu_alpha=config.swiglu_alpha,
+            swiglu_limit=config.swiglu_limit,
         )
 
     @property

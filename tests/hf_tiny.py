@@ -175,6 +175,7 @@ BLOCK_CLASSES = {
     "granitemoe": ("granitemoe", "GraniteMoeMoE"),
     "granitemoeshared": ("granitemoeshared", "GraniteMoeSharedMoE"),
     "phimoe": ("phimoe", "PhimoeSparseMoeBlock"),
+    "gpt_oss": ("gpt_oss", "GptOssMLP"),
 }
 
 FAMILIES = tuple(BLOCK_CLASSES)

@@ -54,7 +54,7 @@ def sorted_routing(ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> tuple[torc
     return ids, weights_TK.gather(1, order)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])  # GPT-OSS: test_experts_bias_swiglu_oai
 @pytest.mark.parametrize("shape", SHAPES)
 def test_routing_matches_hf_router(family: str, shape: tuple[int, int]) -> None:
     block = make_block(family)
@@ -103,7 +103,7 @@ def _grads(block: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.T
     return y_hf, y_ours, x_hf.grad, x_ours.grad
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])  # GPT-OSS: test_experts_bias_swiglu_oai
 @pytest.mark.parametrize("shape", SHAPES)
 def test_block_forward_and_gradients_match_hf(family: str, shape: tuple[int, int]) -> None:
     block = make_block(family)
@@ -253,11 +253,6 @@ def test_unsupported_block_names_class_and_supported_list() -> None:
         TypeError, match=r"Linear is not a supported .*supported: MixtralSparseMoeBlock, .*DeepseekV3MoE"
     ):
         from_hf(nn.Linear(4, 4))
-    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
-
-    block = gpt_oss.GptOssMLP(tiny_config("gpt_oss"))
-    with pytest.raises(TypeError, match="GptOssMLP is not a supported"):
-        from_hf(block)
 
 
 def test_supported_name_with_unknown_layout() -> None:

@@ -34,6 +34,7 @@ EXPECTED_BLOCKS = {
     "granitemoe": 2,
     "granitemoeshared": 2,
     "phimoe": 2,
+    "gpt_oss": 2,
 }
 
 
@@ -50,6 +51,9 @@ def tiny_model(family: str) -> nn.Module:
             bias = getattr(module, "e_score_correction_bias", None)
             if isinstance(bias, torch.Tensor):
                 bias.copy_(torch.randn_like(bias) * 0.1)
+        for name, param in model.named_parameters():  # GPT-OSS: non-zero expert and router biases
+            if name.endswith(("_proj_bias", "router.bias")):
+                param.copy_(torch.randn_like(param) * 0.2)
     return model.eval()
 
 
@@ -77,8 +81,8 @@ def test_patched_model_matches_logits_grads_and_generate(family: str) -> None:
     assert not any(isinstance(m, hf_cls) for m in model.modules())
     wrappers = [m for m in model.modules() if isinstance(m, HFMoEBlock)]
     assert len(wrappers) == EXPECTED_BLOCKS[family]
-    # only 4.57's Mixtral/Qwen/OLMoE blocks return (hidden, router_logits); the wrappers keep that
-    legacy_tuple = not TRANSFORMERS_5 and not family.startswith("deepseek")
+    # 4.57's Mixtral/Qwen/OLMoE blocks and GPT-OSS return (hidden, router_*); the wrappers keep that
+    legacy_tuple = (not TRANSFORMERS_5 and not family.startswith("deepseek")) or family == "gpt_oss"
     assert all(w.returns_router_logits == legacy_tuple for w in wrappers)
     assert all(not w.training for w in wrappers)  # the model's eval mode is kept
 
@@ -152,14 +156,15 @@ def test_unpatch_save_pretrained_loads_into_the_hf_class(family: str, tmp_path: 
         assert_close(loaded(input_ids=ids).logits, logits)
 
 
-def test_gpt_oss_is_left_untouched_with_the_reason() -> None:
+def test_gpt_oss_is_converted_with_biases_and_swiglu_oai() -> None:
     model = tiny_model("gpt_oss")
-    with pytest.warns(UserWarning, match=r"left 2 block\(s\) untouched: model.layers.0.mlp \(GptOssMLP\): .*biases"):
-        assert patch(model) == 0
     reports = scan(model)
-    assert [(r.block_class, r.family) for r in reports] == [("GptOssMLP", None)] * 2
-    with pytest.raises(TypeError, match="cannot convert model.layers.0.mlp"):
-        patch(model, strict=True)
+    assert [(r.block_class, r.family, r.reason) for r in reports] == [("GptOssMLP", "GPT-OSS", None)] * 2
+    assert patch(model, strict=True) == 2
+    (layer, _) = [m.moe for m in model.modules() if isinstance(m, HFMoEBlock)]
+    assert layer.config.activation == "swiglu_oai" and layer.config.expert_bias
+    assert layer.router.bias is not None and layer.experts.b_in is not None
+    assert not layer.experts.supports_fused(torch.device("cpu"))
 
 
 def test_scan_reports_an_unknown_block_and_patch_skips_it() -> None:

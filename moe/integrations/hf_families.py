@@ -58,8 +58,14 @@ def _unnormalised_topk_router(block: nn.Module) -> RouterConfig:
 
 
 def _normalised_topk_router(block: nn.Module) -> RouterConfig:
-    # Granite-MoE: softmax over the top-k logits == the top-k softmax probabilities renormalised.
-    return TopKConfig(norm_topk_prob=True, aux_loss_coef=0.0)
+    # Granite-MoE: softmax over the top-k logits (== the top-k softmax probabilities renormalised,
+    # up to rounding; computed HF's way).
+    return TopKConfig(norm_topk_prob=True, aux_loss_coef=0.0, softmax_after_topk=True)
+
+
+def _gpt_oss_router(block: nn.Module) -> RouterConfig:
+    # logits = x W^T + b; softmax over the top-k logits, returned in the model dtype.
+    return TopKConfig(norm_topk_prob=True, aux_loss_coef=0.0, softmax_after_topk=True, bias=True)
 
 
 def _sparsemixer_router(block: nn.Module) -> Any:
@@ -119,6 +125,10 @@ class FamilySpec:
         router_logits_fp32: HF computes the router logits from fp32 copies of x and W (GLM-4.5,
             dots1, DeepSeek-V3); otherwise in the model dtype. Used for output_router_logits and
             routing_dtype="model".
+        returns_tuple: the 5.x block returns (hidden, router scores) (GPT-OSS; its caller drops the scores).
+        activation: "swiglu", or "swiglu_oai" (GPT-OSS: clamped SwiGLU, interleaved gate/up, biases).
+        rounds_weights: HF's router returns the gate weights in the model dtype (Qwen, OLMoE,
+            Jamba, Granite); Mixtral and MiniMax return them in fp32. Used by routing_dtype="model".
     """
 
     family: str
@@ -130,10 +140,20 @@ class FamilySpec:
     per_expert_returns_logits: bool = False
     router_attr: str = "gate"
     router_logits_fp32: bool = False
+    rounds_weights: bool = True
+    activation: str = "swiglu"
+    returns_tuple: bool = False
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec("Mixtral", ("MixtralSparseMoeBlock",), "topk", _mixtral_router, per_expert_returns_logits=True),
+    FamilySpec(
+        "Mixtral",
+        ("MixtralSparseMoeBlock",),
+        "topk",
+        _mixtral_router,
+        per_expert_returns_logits=True,
+        rounds_weights=False,
+    ),
     FamilySpec(
         "Qwen2-MoE",
         ("Qwen2MoeSparseMoeBlock",),
@@ -160,7 +180,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         "dots1", ("Dots1MoE",), "aux_free", _deepseek_v3_router, shared_expert="shared_experts", router_logits_fp32=True
     ),
-    FamilySpec("MiniMax", ("MiniMaxSparseMoeBlock",), "topk", _mixtral_router),
+    FamilySpec("MiniMax", ("MiniMaxSparseMoeBlock",), "topk", _mixtral_router, rounds_weights=False),
     FamilySpec(
         "Qwen3-Next",
         ("Qwen3NextSparseMoeBlock",),
@@ -176,6 +196,15 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "topk",
         _normalised_topk_router,
         router_attr="router",
+    ),
+    FamilySpec(
+        "GPT-OSS",
+        ("GptOssMLP",),
+        "topk",
+        _gpt_oss_router,
+        router_attr="router",
+        activation="swiglu_oai",
+        returns_tuple=True,
     ),
     FamilySpec("PhiMoE", ("PhimoeSparseMoeBlock",), "sparsemixer", _sparsemixer_router, router_attr="router"),
 )
@@ -205,6 +234,28 @@ class ExpertWeights:
     w_in: torch.Tensor
     w_out: torch.Tensor
     per_expert: bool
+    b_in: torch.Tensor | None = None
+    b_out: torch.Tensor | None = None
+
+
+def gpt_oss_weights(block: nn.Module) -> ExpertWeights:
+    """GPT-OSS's experts: gate_up_proj [E, D, 2I] with gate/up interleaved (even/odd columns) and
+    gate_up_proj_bias [E, 2I], down_proj [E, I, D] and down_proj_bias [E, D]; de-interleaved here
+    into our [gate | up] halves."""
+    experts: Any = block.experts
+    gate_up = getattr(experts, "gate_up_proj", None)
+    bias = getattr(experts, "gate_up_proj_bias", None)
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{type(block).__name__}.experts has no gate_up_proj / gate_up_proj_bias (GPT-OSS layout)")
+    w_in = torch.cat([gate_up[..., ::2], gate_up[..., 1::2]], dim=-1)
+    b_in = torch.cat([bias[..., ::2], bias[..., 1::2]], dim=-1)
+    return ExpertWeights(w_in, experts.down_proj, False, b_in, experts.down_proj_bias)
+
+
+def interleave(halves: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] with [gate | up] halves -> GPT-OSS's interleaved columns (gate even, up odd)."""
+    hidden = halves.shape[-1] // 2
+    return torch.stack([halves[..., :hidden], halves[..., hidden:]], dim=-1).reshape(halves.shape)
 
 
 def _linear_weight(module: nn.Module, name: str, block: nn.Module) -> torch.Tensor:
@@ -216,9 +267,11 @@ def _linear_weight(module: nn.Module, name: str, block: nn.Module) -> torch.Tens
 
 
 def expert_weights(block: nn.Module) -> ExpertWeights:
-    """Reads block.experts in the fused (5.x) or per-expert (4.57) layout."""
+    """Reads block.experts in the fused (5.x) or per-expert (4.57) layout (GPT-OSS: its own)."""
     experts = getattr(block, "experts", None)
     name = type(block).__name__
+    if SPECS_BY_CLASS.get(name) is not None and SPECS_BY_CLASS[name].activation == "swiglu_oai":
+        return gpt_oss_weights(block)
     if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
         for extra in ("gate_up_proj_bias", "down_proj_bias"):
             if getattr(experts, extra, None) is not None:
@@ -244,7 +297,11 @@ def expert_weights(block: nn.Module) -> ExpertWeights:
 
 
 def check_silu(block: nn.Module) -> None:
-    """moe.Experts computes silu(gate) * up: refuse other activations instead of silently differing."""
+    """moe.Experts computes silu(gate) * up: refuse other activations instead of silently differing
+    (GPT-OSS's experts ignore hidden_act: their clamped SwiGLU is fixed)."""
+    spec = SPECS_BY_CLASS.get(type(block).__name__)
+    if spec is not None and spec.activation != "swiglu":
+        return
     experts = block.experts
     holder = experts[0] if isinstance(experts, nn.ModuleList) else experts
     act = getattr(holder, "act_fn", None)

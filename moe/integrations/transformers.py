@@ -11,9 +11,11 @@ Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, OLMoE, DeepSeek-V3 
 router, group-limited selection, ungated shared experts), DeepSeek-V2 (softmax, greedy or
 group_limited_greedy), GLM-4.5 / GLM-4.5-lite / GLM-4.5V text (DeepSeek-V3 routing), dots1,
 MiniMax, Qwen3-Next, Jamba, Granite-MoE (+Shared: its shared_mlp sits outside the block and stays
-HF's), PhiMoE (sparsemixer top-2, eval mode only: training-mode sparsemixer samples and raises).
+HF's), PhiMoE (sparsemixer top-2, eval mode only: training-mode sparsemixer samples and raises),
+GPT-OSS (router bias, softmax over the top-k logits; experts with biases and the clamped
+"swiglu_oai" activation, interleaved gate/up columns de-interleaved on the way in; one device, not offloaded).
 Blocks that hold `experts` but are not one of these are left untouched with a warning naming the
-block and the reason (GPT-OSS: expert biases and clamped SwiGLU; unknown classes: unverified math).
+block and the reason (unknown classes: unverified math).
 transformers itself is never imported: blocks are recognised by class name (moe.integrations.hf_families).
 
 After patch(): output_router_logits=True works (our blocks hand HF's output collector the router
@@ -21,9 +23,10 @@ logits, so HF's own aux loss comes from our routers); moe.aux_loss(model) also w
 unpatch(model) before save_pretrained gives a checkpoint the unpatched HF class loads.
 
 Differences that remain, by design:
-    - Our routers compute logits in fp32 from fp32 copies of x and W; HF's Mixtral/Qwen/OLMoE
-      routers compute them in the model dtype first, so bf16/fp16 routing can differ on near-ties
-      (fp32 models match exactly). There is no routing-dtype option yet.
+    - By default our routers compute logits in fp32 from fp32 copies of x and W; HF's Mixtral /
+      Qwen / OLMoE / MiniMax / Jamba / Granite / PhiMoE routers compute them in the model dtype,
+      so bf16/fp16 routing can differ on near-ties (fp32 models match exactly).
+      patch(model, routing_dtype="model") routes HF's way: ids and gate weights bit for bit.
     - Mixtral's training jitter multiplies the expert input too in HF; ours scales the router input only.
     - DeepSeek-V3 on 4.57 masked dropped groups with 0.0 (a bug); we use -inf like 5.x.
 """
@@ -41,12 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.config import AuxFreeConfig, TopKConfig
 from moe.integrations.hf_families import (
     PER_EXPERT_NAMES,
     SUPPORTED_BLOCKS,
     FamilySpec,
     check_silu,
     expert_weights,
+    interleave,
     read_option,
     spec_for,
 )
@@ -82,7 +87,23 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
-def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str, Any]) -> tuple[MoE, bool]:
+ROUTING_DTYPES = ("float32", "model")
+
+
+def _with_routing_dtype(config: Any, spec: FamilySpec, routing_dtype: str) -> Any:
+    """The router config routing as HF does in half precision (routing_dtype="model"), or as it is."""
+    if routing_dtype not in ROUTING_DTYPES:
+        raise ValueError(f"routing_dtype must be one of {ROUTING_DTYPES}, got {routing_dtype!r}")
+    if routing_dtype == "float32" or isinstance(config, AuxFreeConfig):  # HF routes aux-free families in fp32
+        return config
+    if isinstance(config, TopKConfig):
+        return dataclasses.replace(config, routing_dtype="model", round_weights=spec.rounds_weights)
+    return dataclasses.replace(config, routing_dtype="model")  # sparsemixer: all in the model dtype
+
+
+def _build(
+    block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str, Any], routing_dtype: str = "float32"
+) -> tuple[MoE, bool]:
     check_silu(block)
     weights = expert_weights(block)
     num_experts, dim, width = weights.w_in.shape
@@ -93,9 +114,9 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
             f"{type(block).__name__}.{spec.router_attr}.weight has shape {tuple(router_weight.shape)}, expected "
             f"[num_experts, dim] = [{num_experts}, {dim}]"
         )
-    if getattr(gate, "bias", None) is not None:
-        raise TypeError(f"{type(block).__name__}.{spec.router_attr} has a bias; our routers have none")
     router_config = spec.router_config(block)
+    if getattr(gate, "bias", None) is not None and not getattr(router_config, "bias", False):
+        raise TypeError(f"{type(block).__name__}.{spec.router_attr} has a bias; this family's router has none")
     if overrides:
         allowed = {f.name for f in dataclasses.fields(router_config)}
         unknown = sorted(set(overrides) - allowed)
@@ -105,6 +126,7 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
                 f"it accepts {sorted(allowed)}"
             )
         router_config = dataclasses.replace(router_config, **overrides)
+    router_config = _with_routing_dtype(router_config, spec, routing_dtype)
     top_k = int(_top_k(block))
     shared = getattr(block, spec.shared_expert) if spec.shared_expert else None
     shared_gate = getattr(block, spec.shared_expert_gate) if spec.shared_expert_gate else None
@@ -126,10 +148,20 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
             shared_expert_gate=shared_gate is not None,
             backend=backend,
             router_config=None if isinstance(router, Router) else router_config,
+            activation=spec.activation,
+            expert_bias=weights.b_in is not None,
+            swiglu_alpha=float(getattr(block.experts, "alpha", 1.702)),
+            swiglu_limit=float(getattr(block.experts, "limit", 7.0)),
         )
     _copy_into(layer.experts.w_in, weights.w_in)
     _copy_into(layer.experts.w_out, weights.w_out)
+    if weights.b_in is not None and weights.b_out is not None:
+        assert layer.experts.b_in is not None and layer.experts.b_out is not None
+        _copy_into(layer.experts.b_in, weights.b_in)
+        _copy_into(layer.experts.b_out, weights.b_out)
     _copy_into(_tensor(layer.router, "weight"), router_weight)
+    if getattr(router_config, "bias", False):
+        _copy_into(_tensor(layer.router, "bias"), gate.bias)
     bias = getattr(gate, "e_score_correction_bias", None)
     if spec.router == "aux_free" and isinstance(bias, torch.Tensor):
         _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float())  # the bias stays fp32 in any dtype
@@ -141,20 +173,25 @@ def _build(block: nn.Module, spec: FamilySpec, backend: str, overrides: dict[str
         assert layer.shared_expert_gate is not None
         _copy_into(layer.shared_expert_gate.weight, shared_gate.weight)
     layer.train(block.training)
-    return layer, weights.per_expert and spec.per_expert_returns_logits
+    return layer, (weights.per_expert and spec.per_expert_returns_logits) or spec.returns_tuple
 
 
 def _top_k(block: nn.Module) -> int:
     return int(read_option(block, "top_k", "num_experts_per_tok"))
 
 
-def from_hf(block: nn.Module, *, backend: str = "auto", **router_overrides: Any) -> MoE:
+def from_hf(block: nn.Module, *, backend: str = "auto", routing_dtype: str = "float32", **router_overrides: Any) -> MoE:
     """Builds a moe.MoE with the same routing and (copied) weights as a Hugging Face MoE block.
 
     Args:
         block: e.g. MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock,
             OlmoeSparseMoeBlock, DeepseekV3MoE, DeepseekV2Moe (see SUPPORTED_BLOCKS).
         backend: op backend of the new layer.
+        routing_dtype: "float32" (default: logits from fp32 copies of x and W) or "model": route
+            exactly as the HF router does in the model's dtype (bf16/fp16 logits, then HF's
+            softmax / top-k / renormalisation and gate-weight dtype), so the expert ids and gate
+            weights equal HF's bit for bit in half precision. DeepSeek-V2/V3, GLM-4.5 and dots1
+            route in fp32 in HF too: for them both values are the same.
         **router_overrides: fields of the derived router config to replace, e.g.
             aux_loss_coef=1e-2 (top-k families; default 0.0, as HF blocks add no loss themselves)
             or seq_aux_loss_coef=1e-4 / bias_update_rate (DeepSeek).
@@ -167,7 +204,7 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **router_overrides: Any)
         TypeError: the block's class is not supported (the message lists the supported ones),
             its experts use a layout or activation moe.MoE cannot represent, or an override is unknown.
     """
-    layer, _ = _build(block, spec_for(block), backend, router_overrides)
+    layer, _ = _build(block, spec_for(block), backend, router_overrides, routing_dtype)
     return layer
 
 
@@ -206,9 +243,10 @@ class HFMoEBlock(nn.Module):
         """[T, E] logits as the HF router computes them (model dtype, or fp32 for GLM-4.5 / dots1 / DeepSeek-V3)."""
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         weight = _tensor(self.moe.router, "weight")
+        bias = getattr(self.moe.router, "bias", None)
         if self.spec is not None and self.spec.router_logits_fp32:
             return F.linear(x_TD.float(), weight.float())
-        return F.linear(x_TD, weight.to(x_TD.dtype))
+        return F.linear(x_TD, weight.to(x_TD.dtype), None if bias is None else bias.to(x_TD.dtype))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.moe(hidden_states)
@@ -224,13 +262,7 @@ class HFMoEBlock(nn.Module):
 
 
 # Blocks we recognise but cannot express exactly, and why (patch leaves them untouched).
-REFUSED_BLOCKS: dict[str, str] = {
-    "GptOssMLP": (
-        "GPT-OSS experts have biases (gate_up_proj_bias, down_proj_bias), a clamped SwiGLU "
-        "((up + 1) * gate * sigmoid(alpha * gate), clamped at limit) on interleaved gate/up columns and a "
-        "router bias with softmax over the top-k logits; moe.MoE experts are bias-free silu(gate) * up"
-    ),
-}
+REFUSED_BLOCKS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -264,8 +296,8 @@ def _refusal(block: nn.Module) -> str | None:
         expert_weights(block)
         spec.router_config(block)
         gate = getattr(block, spec.router_attr)
-        if getattr(gate, "bias", None) is not None:
-            return f"{spec.router_attr} has a bias; our routers have none"
+        if getattr(gate, "bias", None) is not None and not getattr(spec.router_config(block), "bias", False):
+            return f"{spec.router_attr} has a bias; this family's router has none"
     except TypeError as e:
         return str(e)
     return None
@@ -286,7 +318,14 @@ def scan(model: nn.Module) -> list[BlockReport]:
     return reports
 
 
-def patch(model: nn.Module, *, backend: str = "auto", strict: bool = False, **router_overrides: Any) -> int:
+def patch(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    strict: bool = False,
+    routing_dtype: str = "float32",
+    **router_overrides: Any,
+) -> int:
     """Replaces every supported sparse MoE block inside `model` in place with an HFMoEBlock.
 
     Weights are copied, then the HF block is dropped from the model (kept as an empty meta
@@ -299,7 +338,8 @@ def patch(model: nn.Module, *, backend: str = "auto", strict: bool = False, **ro
 
     Args:
         model: any nn.Module, typically a transformers PreTrainedModel.
-        backend, **router_overrides: as in from_hf, applied to every block.
+        backend, routing_dtype, **router_overrides: as in from_hf, applied to every block
+            (routing_dtype="model": HF's half-precision routing bit for bit, hence its greedy tokens).
         strict: raise on the first block left untouched instead of warning.
 
     Returns:
@@ -323,7 +363,7 @@ def patch(model: nn.Module, *, backend: str = "auto", strict: bool = False, **ro
     targets = [(r.name, model.get_submodule(r.name)) for r in reports if r.reason is None]
     for name, block in targets:
         spec = spec_for(block)
-        layer, returns_logits = _build(block, spec, backend, router_overrides)
+        layer, returns_logits = _build(block, spec, backend, router_overrides, routing_dtype)
         wrapper = HFMoEBlock(layer, returns_logits, type(block).__name__, spec)
         wrapper.train(block.training)
         object.__setattr__(wrapper, "_hf_skeleton", block.to("meta"))  # not a submodule: not in state_dict
@@ -360,7 +400,13 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
     w_in, w_out = layer.experts.w_in, layer.experts.w_out
     hidden = w_out.shape[1]
     experts: Any = block.experts
-    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+    if spec.activation == "swiglu_oai":  # GPT-OSS: x @ w layout, interleaved gate/up, biases
+        assert layer.experts.b_in is not None and layer.experts.b_out is not None
+        _assign(experts, "gate_up_proj", interleave(w_in), written)
+        _assign(experts, "gate_up_proj_bias", interleave(layer.experts.b_in), written)
+        _assign(experts, "down_proj", w_out, written)
+        _assign(experts, "down_proj_bias", layer.experts.b_out, written)
+    elif isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
         _assign(experts, "gate_up_proj", w_in.transpose(1, 2), written)
         _assign(experts, "down_proj", w_out.transpose(1, 2), written)
     else:
@@ -371,6 +417,8 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
             _assign(getattr(mlp, names[2]), "weight", w_out[e].t(), written)
     gate = getattr(block, spec.router_attr)
     _assign(gate, "weight", _tensor(layer.router, "weight"), written)
+    if isinstance(getattr(gate, "bias", None), torch.Tensor):
+        _assign(gate, "bias", _tensor(layer.router, "bias"), written)
     if isinstance(getattr(gate, "e_score_correction_bias", None), torch.Tensor):
         _assign(gate, "e_score_correction_bias", _tensor(layer.router, "e_score_correction_bias"), written)
     if spec.shared_expert:

@@ -209,6 +209,13 @@ def load(
                     sub._buffers[bname] = buf.to("meta")
     patch(model)
     layers = sorted((number, model.get_submodule(name).moe) for number, (name, _) in blocks.items())
+    for _, moe_layer in layers:
+        c = moe_layer.config
+        if c.expert_bias or c.activation != "swiglu":
+            raise TypeError(
+                f"offload: {type(model).__name__}'s experts (activation={c.activation!r}, expert_bias="
+                f"{c.expert_bias}) are not supported offloaded yet; OffloadedExperts are bias-free SwiGLU"
+            )
 
     idx = index_experts(names)
     checker = ShardReader()

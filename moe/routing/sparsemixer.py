@@ -24,13 +24,20 @@ __all__ = ["SparseMixerConfig", "sparsemixer_eval", "SparseMixerRouter"]
 
 @dataclass(frozen=True, kw_only=True)
 class SparseMixerConfig:
-    """Attributes: jitter_eps: PhiMoE's router_jitter_noise (the relative logit window, 0.01 there)."""
+    """Attributes:
+    jitter_eps: PhiMoE's router_jitter_noise (the relative logit window, 0.01 there).
+    routing_dtype: "float32" (default) or "model": logits and the whole sparsemixer in x's dtype,
+        as Hugging Face's PhiMoE router computes them (its half-precision routing, bit for bit).
+    """
 
     jitter_eps: float = 0.01
+    routing_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.jitter_eps >= 0:
             raise ValueError(f"jitter_eps must be >= 0, got {self.jitter_eps}")
+        if self.routing_dtype not in ("float32", "model"):
+            raise ValueError(f"routing_dtype must be one of ('float32', 'model'), got {self.routing_dtype!r}")
 
 
 def _pick(scores_TE: torch.Tensor, masked_TE: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +94,8 @@ class SparseMixerRouter(Router):
                 "SparseMixerRouter: training-mode sparsemixer (Gumbel sampling with a straight-through "
                 "multiplier) is not implemented; call .eval() (inference and eval-mode gradients are exact)"
             )
-        dtype = self.logits_dtype or torch.float32  # HF: everything in the model dtype
+        model = self.config.routing_dtype == "model"
+        dtype = self.logits_dtype or (x_TD.dtype if model else torch.float32)  # HF: all in the model dtype
         logits = x_TD.to(dtype) @ self.weight.to(dtype).t()
         weights, ids = sparsemixer_eval(logits, self.config.jitter_eps)
         return Routing(ids, weights.float(), {}, torch.softmax(logits.float(), dim=-1), x_TD.shape[0] * 2)
