@@ -42,7 +42,7 @@ from torch import nn
 
 from moe.config import ParallelConfig
 from moe.layer import MoE
-from moe.parallel.comm import collective_device
+from moe.parallel.alltoall import collective_device
 
 try:
     import deepspeed
