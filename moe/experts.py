@@ -123,6 +123,10 @@ class ExpertsBase(nn.Module):
     def forward_fused(
         self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, counts_E: torch.Tensor, weights_N: torch.Tensor
     ) -> torch.Tensor:
+        """The fused path (Triton): gathers rows by token index inside the first GEMM.
+
+        Only called where supports_fused(device) is True.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no fused path (supports_fused is False)")
 
 
@@ -170,6 +174,7 @@ class Experts(ExpertsBase):
 
     def reset_parameters(self) -> None:
         # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); biases start at 0.
+        """Re-initialises the expert weights (and biases) as at construction."""
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
 

@@ -22,6 +22,17 @@ from torch import nn
 
 from moe.config import AuxFreeConfig, RouterConfig, TopKConfig
 
+__all__ = [
+    "FamilySpec",
+    "spec_for",
+    "ExpertWeights",
+    "expert_weights",
+    "gpt_oss_weights",
+    "interleave",
+    "read_option",
+    "check_silu",
+]
+
 _MISSING = object()
 
 # (gate, up, down) attribute names of one per-expert MLP, in the order tried.

@@ -249,6 +249,7 @@ class HFMoEBlock(nn.Module):
         return F.linear(x_TD, weight.to(x_TD.dtype), None if bias is None else bias.to(x_TD.dtype))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, S, D] -> the HF block's output form: a tensor, or (tensor, router logits)."""
         out = self.moe(hidden_states)
         collected = _hf_collector()
         if collected is not None and "router_logits" in collected:

@@ -21,6 +21,16 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "CheckpointError",
+    "ExpertIndex",
+    "ExpertLocation",
+    "ShardReader",
+    "index_experts",
+    "read_header",
+    "shard_files",
+]
+
 _PER_EXPERT = re.compile(
     r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\.(?P<e>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
 )
@@ -153,6 +163,7 @@ class ShardReader:
         self._handles: dict[str, Any] = {}
 
     def handle(self, path: str) -> Any:
+        """The open safetensors handle of `path` (opened once, memory-mapped)."""
         from safetensors import safe_open
 
         h = self._handles.get(path)
@@ -165,10 +176,12 @@ class ShardReader:
         return h
 
     def tensor(self, where: tuple[str, str]) -> torch.Tensor:
+        """The tensor `name` of shard `path`, read through the memory map."""
         path, key = where
         return self.handle(path).get_tensor(key)
 
     def shape(self, where: tuple[str, str]) -> list[int]:
+        """The shape of tensor `name` in shard `path`, from the header only."""
         path, key = where
         return list(self.handle(path).get_slice(key).get_shape())
 

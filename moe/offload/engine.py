@@ -20,6 +20,8 @@ import torch
 from moe.offload.cache import Residency
 from moe.offload.policies import Key, Predictive
 
+__all__ = ["CacheEngine", "link_budget"]
+
 # fetch(key, prefetch): start copying key to the device; prefetch=False for a demand miss.
 Fetch = Callable[[Key, bool], None]
 

@@ -24,6 +24,8 @@ from moe.offload.checkpoint import CheckpointError, ExpertIndex, ShardReader, in
 from moe.offload.runtime import OffloadConfig, OffloadedExperts, OffloadRuntime
 from moe.offload.store import ExpertShape, ExpertStore
 
+__all__ = ["OffloadedModel", "load"]
+
 
 @dataclass
 class OffloadedModel:
@@ -34,6 +36,7 @@ class OffloadedModel:
     model_dir: str
 
     def close(self) -> None:
+        """Stops the store's reader thread and frees the device and RAM tiers."""
         self.runtime.close()
 
 

@@ -27,6 +27,8 @@ from moe.offload.predict import forecast
 from moe.offload.store import ExpertStore
 from moe.offload.trace import Trace, TraceBuilder
 
+__all__ = ["OffloadConfig", "OffloadRuntime", "OffloadedExperts"]
+
 MISS_MODES = ("auto", "copy", "cpu")
 
 
@@ -137,6 +139,7 @@ class OffloadRuntime:
 
     @property
     def stats(self):  # noqa: ANN201 - CacheStats
+        """The CacheStats of the device tier (hits, copies, prefetches, CPU misses, bytes moved)."""
         return self.residency.stats
 
     def _fetch(self, key: Key, prefetch: bool) -> None:
@@ -238,6 +241,7 @@ class OffloadRuntime:
         return self.trace.build(expert_bytes=self.store.expert_bytes(0))
 
     def close(self) -> None:
+        """Stops the store's reader thread."""
         self.store.close()
 
 
@@ -271,13 +275,16 @@ class OffloadedExperts(ExpertsBase):
 
     @property
     def w_in(self) -> torch.Tensor:
+        """A zero-stride stand-in [E, D, F] with the real weights' shape, dtype and device."""
         return self.anchor.expand(self.num_experts, self.dim, self.width)
 
     @property
     def w_out(self) -> torch.Tensor:
+        """A zero-stride stand-in [E, H, D] with the real weights' shape, dtype and device."""
         return self.anchor.expand(self.num_experts, self.hidden_dim, self.dim)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """y_sorted [N, D] for rows x_sorted [N, D] sorted by expert, counts [E]: runs the layer through the cache."""
         return self.runtime.run_layer(self.layer, x_ND, counts_E)
 
     def extra_repr(self) -> str:

@@ -114,6 +114,7 @@ class Hardware:
 
     @property
     def copy_s(self) -> float:
+        """Seconds of one expert copy: latency + bytes / bandwidth."""
         return self.copy_latency_s + self.expert_bytes / self.h2d_bytes_per_s
 
 

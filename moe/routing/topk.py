@@ -10,6 +10,8 @@ from moe.config import TopKConfig
 from moe.routing.base import Router, Routing
 from moe.routing.losses import balance_loss, z_loss
 
+__all__ = ["TopKRouter", "softmax_topk", "router_losses"]
+
 
 def softmax_topk(
     logits_TE: torch.Tensor, top_k: int, norm_topk_prob: bool, probs_given: bool = False
@@ -31,6 +33,7 @@ def router_losses(
     z_loss_coef: float,
     token_mask: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
+    """The weighted aux losses (balance, z-loss) of one routing, by name."""
     losses = {}
     if aux_loss_coef > 0:
         losses["balance"] = aux_loss_coef * balance_loss(probs_TE, ids_TK, token_mask)
@@ -84,6 +87,7 @@ class TopKRouter(Router):
     def forward(
         self, x_TD: torch.Tensor, token_mask: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
+        """Routing of x_TD [T, D]: top-k ids [T, K] and weights [T, K] of the softmax, with aux losses."""
         logits = self._logits(x_TD, jitter=True)
         probs, weights, ids = self._route(logits, x_TD.dtype)
         losses = router_losses(
