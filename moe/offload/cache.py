@@ -123,7 +123,9 @@ class Residency:
                 per = "per layer (budget / MoE layers)" if self.scope == "layer" else "in all"
                 total = nbytes * (self.num_layers if self.scope == "layer" else 1)
                 need = f"the cache budget to at least {total} bytes (one expert per layer)"
-            raise BudgetError(f"{what} needs {nbytes} bytes but the expert cache has {budget} bytes {per}; raise {need}")
+            raise BudgetError(
+                f"{what} needs {nbytes} bytes but the expert cache has {budget} bytes {per}; raise {need}"
+            )
 
     def make_room(self, key: Key, nbytes: int, floor: tuple[float, ...] | None = None) -> bool:
         """Evicts unpinned residents of key's pool until nbytes fit.
