@@ -100,3 +100,17 @@ def test_tiny_lm_pyramid_config(examples) -> None:
         tiny_lm.TinyLMConfig(num_layers=3, num_experts=(4, 8))
     with pytest.raises(ValueError, match="layer 0: top_k"):
         tiny_lm.TinyLMConfig(num_layers=2, num_experts=(1, 8), top_k=2)
+
+
+def test_pr_moe_benchmark_smoke(examples) -> None:
+    pr_moe = importlib.import_module("pr_moe")
+    rows = pr_moe.main(
+        ["--steps", "2", "--dim", "16", "--hidden", "16", "--batch-size", "2", "--seq-len", "16"]
+        + ["--train-bytes", "100000", "--eval-batches", "1", "--no-progress"]
+    )
+    assert [r["model"] for r in rows] == ["standard", "residual", "pr-moe", "mos"]
+    by = {r["model"]: r for r in rows}
+    assert by["pr-moe"]["params"] < by["residual"]["params"] and by["mos"]["params"] < by["pr-moe"]["params"]
+    assert by["pr-moe"]["experts"] == "4x4x8x8" and by["mos"]["experts"] == "4x8x8"
+    assert all(math.isfinite(r["heldout_loss"]) for r in rows)
+    sys.modules.pop("pr_moe", None)
