@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kd-stop", type=float, default=0.75, help="fraction of the steps after which KD is off")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", action="store_true", help="write pr_moe.csv next to this script")
+    p.add_argument("--csv", action="store_true", help="write bench_out/pr_moe.csv")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     print(format_table(rows))
     if args.csv:
-        harness.write_csv(Path(_HERE) / "pr_moe.csv", rows)
+        out = Path(_HERE).parent / "bench_out"
+        out.mkdir(exist_ok=True)
+        harness.write_csv(out / "pr_moe.csv", rows)
     return rows
 
 
