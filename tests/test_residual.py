@@ -169,3 +169,36 @@ def test_residual_expert_parallel_two_ranks() -> None:
     from test_parallel import _spawn
 
     _spawn(_ep_residual_rank, 2)
+
+
+@pytest.mark.slow
+def test_residual_compiles_fullgraph() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = moe.MoE(16, 32, 4, 2, num_shared_experts=1, residual=True, backend="reference")
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    gx, gc = x.grad.clone(), layer.residual_coef.weight.grad.clone()
+    x.grad = None
+    layer.zero_grad()
+    yc = torch.compile(layer, fullgraph=True)(x)
+    yc.sum().backward()
+    torch.testing.assert_close(yc, y)
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(layer.residual_coef.weight.grad, gc)
+
+
+def test_residual_activation_checkpointing() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = moe.MoE(D, H, E, K, residual=True)
+    x = torch.randn(6, D, requires_grad=True)
+    layer(x).square().sum().backward()
+    want = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    for a, b in zip([p.grad for p in layer.parameters()] + [x.grad], want, strict=True):
+        torch.testing.assert_close(a, b)
