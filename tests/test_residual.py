@@ -202,3 +202,21 @@ def test_residual_activation_checkpointing() -> None:
     checkpoint(layer, x, use_reentrant=False).square().sum().backward()
     for a, b in zip([p.grad for p in layer.parameters()] + [x.grad], want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_lora_moe_adapts_the_dense_branch() -> None:
+    """LoRA-MoE wraps the residual branch's Linear layers like any others; at init the adapters add 0."""
+    from moe.lora import apply_lora_moe
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([moe.MoE(D, H, E, K, residual=True) for _ in range(2)])
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        want = model[1](model[0](x))
+    apply_lora_moe(model, ["up_proj", "down_proj"], experts_per_layer=2, rank=2, top_k=1)
+    assert type(model[0].residual_mlp.up_proj).__name__ != "Linear"
+    y = model[1](model[0](x))
+    torch.testing.assert_close(y, want)
+    y.square().sum().backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("residual_mlp" in n for n in trainable)
