@@ -280,9 +280,57 @@ def converted_residual_moe_trains_and_reshards(rank: int, moe_ds: Any, tmp: Path
         torch.testing.assert_close(b(x), want, rtol=1e-5, atol=1e-6)
 
 
+class PyramidNet(nn.Module):
+    """Two residual MoE layers with 2 and 4 experts (top-1, top-2): a PR-MoE pyramid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(D, D)
+        self.lower = moe.MoE(D, H, 2, 1, residual=True, aux_loss_coef=0.0)
+        self.upper = moe.MoE(D, H, 4, 2, residual=True, aux_loss_coef=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.inp(x))
+        x = x + self.lower(x)
+        return x + self.upper(x)
+
+
+def pyramid_trains_and_reshards(rank: int, moe_ds: Any, tmp: Path) -> None:
+    """A pyramid (2 then 4 experts, residual) at ep_size 2 under ZeRO 2 matches one process; its
+    engine checkpoint loads at ep_size 1; a pyramid whose count ep_size does not divide is refused."""
+    ref = PyramidNet()
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+    ref_losses = []
+    for step in range(STEPS):
+        x, t = _data(step)
+        loss = (ref(x) - t).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+    engine, _, _, _ = moe_ds.initialize(PyramidNet(), _config(2), ep_size=2, plan="ep")
+    assert [engine.module.lower.num_local_experts, engine.module.upper.num_local_experts] == [1, 2]
+    losses = [_train_step(engine, rank, s) for s in range(STEPS)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
+    engine.save_checkpoint(str(tmp / "pyramid"), tag="t")
+    x, _ = _data(5)
+    with torch.no_grad():
+        want = engine(x)
+    other, _, _, _ = moe_ds.initialize(PyramidNet(), _config(2), ep_size=1)
+    other.load_checkpoint(str(tmp / "pyramid"), tag="t", load_optimizer_states=False, load_module_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), want, rtol=1e-5, atol=1e-6)
+    bad = PyramidNet()
+    bad.upper = moe.MoE(D, H, 3, 1, residual=True)
+    with pytest.raises(ValueError, match=r"upper: num_experts \(3\) must be divisible by ep_size \(2\)"):
+        moe_ds.prepare(bad, ep_size=2)
+
+
 SCENARIOS: list[Callable[[int, Any, Path], Any]] = [
     converted_deepspeed_model_trains,
     converted_residual_moe_trains_and_reshards,
+    pyramid_trains_and_reshards,
     zero_matches_single_process,
     checkpoint_resumes_exactly,
     checkpoint_other_ep_size_and_export,
