@@ -35,9 +35,12 @@ class TinyLMConfig:
         dim: D, model width.
         num_layers: transformer blocks (each has one attention and one MoE layer).
         num_heads: attention heads; must divide dim.
-        num_experts: E, routed experts per MoE layer.
-        top_k: K, experts per token.
+        num_experts: E, routed experts per MoE layer: one int for every layer, or one per layer
+            (a pyramid, e.g. (8, 8, 16, 16): DeepSpeed-MoE's PR-MoE puts more experts in later layers).
+        top_k: K, experts per token: one int, or one per layer.
         expert_hidden_dim: hidden width of each expert.
+        residual: Residual MoE layers (moe.MoE(residual=True): a dense MLP branch mixed with the
+            experts by a learned coefficient, DeepSpeed-MoE's use_residual). PR-MoE = pyramid + residual.
         router: "topk" | "aux_free" | "recurrent".
         router_options: keyword options of the router's config, e.g. {"aux_loss_coef": 1e-3}.
         max_seq_len: longest sequence the position embedding covers.
@@ -46,9 +49,10 @@ class TinyLMConfig:
     dim: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    num_experts: int = 16
-    top_k: int = 2
+    num_experts: int | tuple[int, ...] = 16
+    top_k: int | tuple[int, ...] = 2
     expert_hidden_dim: int = 64
+    residual: bool = False
     router: str = "topk"
     router_options: dict[str, Any] = field(default_factory=dict)
     max_seq_len: int = 128
@@ -61,6 +65,28 @@ class TinyLMConfig:
             )
         if self.dim % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide dim ({self.dim})")
+        for name in ("num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # a list reads naturally; keep the config hashable
+                object.__setattr__(self, name, value := tuple(value))
+            if isinstance(value, tuple) and len(value) != self.num_layers:
+                raise ValueError(
+                    f"{name} has {len(value)} per-layer values but num_layers is {self.num_layers}; give one "
+                    "int for every layer or exactly one value per layer"
+                )
+        for i in range(self.num_layers):
+            if self.layer_top_k(i) > self.layer_experts(i):
+                raise ValueError(
+                    f"layer {i}: top_k ({self.layer_top_k(i)}) exceeds its num_experts ({self.layer_experts(i)})"
+                )
+
+    def layer_experts(self, i: int) -> int:
+        """E of MoE layer i."""
+        return self.num_experts[i] if isinstance(self.num_experts, tuple) else self.num_experts
+
+    def layer_top_k(self, i: int) -> int:
+        """K of MoE layer i."""
+        return self.top_k[i] if isinstance(self.top_k, tuple) else self.top_k
 
 
 class CausalSelfAttention(nn.Module):
@@ -82,13 +108,19 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + moe(norm(x))."""
 
-    def __init__(self, cfg: TinyLMConfig) -> None:
+    def __init__(self, cfg: TinyLMConfig, index: int = 0) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.dim)
         self.attn = CausalSelfAttention(cfg.dim, cfg.num_heads)
         self.mlp_norm = nn.RMSNorm(cfg.dim)
         self.mlp = moe.MoE(
-            cfg.dim, cfg.expert_hidden_dim, cfg.num_experts, cfg.top_k, router=cfg.router, **cfg.router_options
+            cfg.dim,
+            cfg.expert_hidden_dim,
+            cfg.layer_experts(index),
+            cfg.layer_top_k(index),
+            router=cfg.router,
+            residual=cfg.residual,
+            **cfg.router_options,
         )
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -104,7 +136,7 @@ class TinyLM(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(VOCAB_SIZE, cfg.dim)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
@@ -123,6 +155,17 @@ class TinyLM(nn.Module):
 
     def moe_layers(self) -> list[moe.MoE]:
         return [m for m in self.modules() if isinstance(m, moe.MoE)]
+
+    def param_counts(self) -> tuple[int, int]:
+        """(all parameters, parameters active per token): a token uses top_k of each layer's
+        num_experts experts (router, shared and dense branches always)."""
+        total = sum(p.numel() for p in self.parameters())
+        active = total
+        for layer in self.moe_layers():
+            c = layer.config
+            per_expert = (layer.experts.w_in.numel() + layer.experts.w_out.numel()) // layer.experts.w_in.shape[0]
+            active -= (c.num_experts - c.top_k) * per_expert
+        return total, active
 
     def max_violation(self) -> float:
         """MaxVio of the latest forward, averaged over the MoE layers."""
@@ -263,8 +306,12 @@ def train(
     progress: bool = True,
     desc: str = "train",
     on_step: Callable[[int, float, float], None] | None = None,
+    distiller: Any = None,
 ) -> TrainResult:
     """Trains with AdamW on CE + moe.aux_loss(model), calling moe.update_routers after each step.
+
+    distiller: a moe.distill.Distiller (Mixture-of-Students): its staged KD term against the
+    teacher's logits on the same batch is added while distiller.active(step).
 
     MaxVio per step is the mean over MoE layers of layer.stats.max_violation; the reported
     `max_vio` averages it over the last cfg.maxvio_window steps.
@@ -282,8 +329,11 @@ def train(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         batch = sample_batch(data.train, cfg.batch_size, cfg.seq_len, gen)
-        ce = lm_loss(model, batch)
+        logits_BSV = model(batch[:, :-1])
+        ce = F.cross_entropy(logits_BSV.reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1))
         loss = ce + moe.aux_loss(model)
+        if distiller is not None:
+            loss = loss + distiller.term(step, logits_BSV, batch[:, :-1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

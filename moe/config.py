@@ -369,6 +369,14 @@ class MoEConfig:
         backend: op backend ("auto" picks the fastest correct one per device).
         parallel: None (single process) or how to run expert-parallel; the layer is then built
             with `MoE.from_config(cfg, process_group=group)`.
+        residual: Residual MoE (DeepSpeed-MoE, Rajbhandari et al. 2022): a dense MLP branch runs
+            on every token beside the MoE block and the two are mixed per token by a learned
+            two-way coefficient, as deepspeed.moe.layer.MoE(use_residual=True) computes it:
+            c = softmax(Linear(D, 2)(x)), y = moe(x) * c[..., 0:1] + mlp(x) * c[..., 1:], where
+            moe(x) is the routed experts plus any shared experts. The dense branch and the
+            coefficient are ordinary (replicated) parameters, also under expert parallelism.
+        residual_hidden_dim: width of the dense branch's MLP (None = hidden_dim, as DeepSpeed,
+            whose dense branch is a copy of the expert module); needs residual=True.
     """
 
     dim: int
@@ -387,6 +395,8 @@ class MoEConfig:
     expert_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    residual: bool = False
+    residual_hidden_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive_int("dim", self.dim)
@@ -428,6 +438,12 @@ class MoEConfig:
                 )
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+        if not isinstance(self.residual, bool):
+            raise TypeError(f"residual must be a bool, got {type(self.residual).__name__} ({self.residual!r})")
+        if self.residual_hidden_dim is not None:
+            _check_positive_int("residual_hidden_dim", self.residual_hidden_dim)
+            if not self.residual:
+                raise ValueError("residual_hidden_dim is set but residual is False; set residual=True")
         if self.capacity_factor is not None and not 0 <= self.capacity_factor < float("inf"):
             raise ValueError(
                 f"capacity_factor must be None/0 (dropless) or a finite number > 0, got {self.capacity_factor}"
@@ -453,6 +469,13 @@ class MoEConfig:
         if self.shared_expert_hidden_dim is not None:
             return self.shared_expert_hidden_dim
         return self.num_shared_experts * self.hidden_dim
+
+    @property
+    def residual_dim(self) -> int:
+        """Width of the Residual MoE dense branch (0 without one)."""
+        if not self.residual:
+            return 0
+        return self.residual_hidden_dim if self.residual_hidden_dim is not None else self.hidden_dim
 
     @property
     def dropless(self) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from moe.reference import count_tokens
 from moe.routing import Router, build_router
 from moe.routing.capacity import drop_over_capacity
 
-__all__ = ["MoE", "MoEStats", "max_violation"]
+__all__ = ["MoE", "MoEStats", "max_violation", "residual_mix"]
 
 
 @dataclass
@@ -74,6 +74,13 @@ class MoE(nn.Module):
             sharded by global id over its ranks and run expert-parallel (moe.parallel).
         parallel: moe.ParallelConfig (pinned plan, planner knobs, hierarchical all-to-all) for
             the expert-parallel layer; None = ParallelConfig() when process_group is given.
+        residual: Residual MoE (DeepSpeed's use_residual=True): a dense MLP branch
+            (`residual_mlp`, width residual_hidden_dim, default hidden_dim) mixed with the MoE
+            output by a learned per-token coefficient (`residual_coef`, Linear(D, 2) with bias):
+            c = softmax(residual_coef(x)), y = moe(x) * c[..., 0:1] + residual_mlp(x) * c[..., 1:].
+            moe(x) includes the shared experts. Under expert parallelism the dense branch is
+            replicated like any non-expert weight, and it runs while the dispatch is in flight.
+        residual_hidden_dim: width of the dense branch (needs residual=True).
         parallel_plan, planner_config: deprecated, use parallel=ParallelConfig(plan=...,
             planner=...).
         **router_options: fields of the router's config, e.g. aux_loss_coef=1e-2, n_group=4.
@@ -100,6 +107,8 @@ class MoE(nn.Module):
         router_config: RouterConfig | None = None,
         process_group: Any = None,
         parallel: ParallelConfig | None = None,
+        residual: bool = False,
+        residual_hidden_dim: int | None = None,
         parallel_plan: Any = None,
         planner_config: Any = None,
         expert_bias: bool = False,
@@ -134,6 +143,8 @@ class MoE(nn.Module):
             expert_bias=expert_bias,
             swiglu_alpha=swiglu_alpha,
             swiglu_limit=swiglu_limit,
+            residual=residual,
+            residual_hidden_dim=residual_hidden_dim,
         )
         cfg = self.config
         self._custom_router = custom_router is not None
@@ -162,6 +173,9 @@ class MoE(nn.Module):
         )
         self.shared_experts = MLP(dim, cfg.shared_hidden_dim, activation) if num_shared_experts else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
+        # Residual MoE: the dense branch and DeepSpeed's two-way coefficient (with its bias).
+        self.residual_mlp = MLP(dim, cfg.residual_dim, activation) if cfg.residual else None
+        self.residual_coef = nn.Linear(dim, 2) if cfg.residual else None
         # One device: LocalDispatcher; across ranks: the ExpertParallelDispatcher the runtime drives.
         self.dispatcher: Any = (
             LocalDispatcher(num_experts, backend) if self.parallel is None else self.parallel.dispatcher
@@ -196,6 +210,8 @@ class MoE(nn.Module):
             expert_bias=config.expert_bias,
             swiglu_alpha=config.swiglu_alpha,
             swiglu_limit=config.swiglu_limit,
+            residual=config.residual,
+            residual_hidden_dim=config.residual_hidden_dim,
         )
 
     @property
@@ -276,12 +292,22 @@ class MoE(nn.Module):
             assert cfg.capacity_factor is not None
             routing, self._dropped = drop_over_capacity(routing, x_TD, cfg.num_experts, cfg.capacity_factor, mask_T)
 
-        # dispatch -> experts -> combine; the shared experts go along as work the dispatcher may overlap.
+        # dispatch -> experts -> combine; the shared experts (and the Residual MoE dense branch)
+        # go along as work the dispatcher may overlap.
         mlp, gate = self.shared_experts, self.shared_expert_gate
         shared = None if mlp is None else partial(shared_output, mlp, gate)
-        y_TD, shared_TD = self._dispatcher().run(x_TD, routing, self.experts, shared)
+        if self.residual_mlp is None:
+            y_TD, shared_TD = self._dispatcher().run(x_TD, routing, self.experts, shared)
+            residual_TD = None
+        else:
+            dense = cast(Any, partial(_dense_branches, shared, self.residual_mlp))
+            y_TD, branches = self._dispatcher().run(x_TD, routing, self.experts, dense)
+            shared_TD, residual_TD = cast(tuple, branches)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
+        if residual_TD is not None:
+            assert self.residual_coef is not None
+            y_TD = residual_mix(y_TD, residual_TD, self.residual_coef(x_TD))
         self.aux_losses = routing.aux_losses
         return y_TD.to(in_dtype).view(shape)
 
@@ -322,7 +348,22 @@ class MoE(nn.Module):
             f"dim={c.dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, top_k={c.top_k}, "
             f"router={type(self.router).__name__}, shared={c.num_shared_experts}, "
             f"capacity_factor={c.capacity_factor}, activation={c.activation}, backend={c.backend}"
+            + (f", residual_hidden_dim={c.residual_dim}" if c.residual else "")
         )
+
+
+def residual_mix(moe_TD: torch.Tensor, mlp_TD: torch.Tensor, logits_T2: torch.Tensor) -> torch.Tensor:
+    """Residual MoE's mix, as deepspeed.moe.layer.MoE(use_residual=True):
+    c = softmax(logits [T, 2]); moe [T, D] * c[:, 0:1] + mlp [T, D] * c[:, 1:] (softmax in fp32 or wider)."""
+    coef = torch.softmax(logits_T2.to(torch.promote_types(logits_T2.dtype, torch.float32)), dim=-1)
+    return moe_TD * coef[..., 0:1] + mlp_TD * coef[..., 1:]
+
+
+def _dense_branches(
+    shared: Any, residual_mlp: nn.Module, x_TD: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The layer's dense work, run while the dispatch is in flight: (shared experts or None, dense branch)."""
+    return (shared(x_TD) if shared is not None else None), residual_mlp(x_TD)
 
 
 def _parallel_config(group: Any, parallel: ParallelConfig | None, plan: Any, planner: Any) -> ParallelConfig | None:

@@ -207,18 +207,25 @@ def unprepared_is_refused(rank: int, moe_ds: Any, tmp: Path) -> None:
 class NativeNet(nn.Module):
     """The migration case: a model built on deepspeed.moe.layer.MoE (tuple output, l_aux)."""
 
-    def __init__(self) -> None:
+    def __init__(self, use_residual: bool = False, seed: int = 0) -> None:
         super().__init__()
         from deepspeed.moe.layer import MoE as DSMoE
 
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         self.inp = nn.Linear(D, D)
         expert = nn.Sequential(nn.Linear(D, H, bias=False), nn.GELU(), nn.Linear(H, D, bias=False))
         self.moe = DSMoE(
-            D, expert, num_experts=E, k=2, drop_tokens=False, min_capacity=0, top2_2nd_expert_sampling=False
+            D,
+            expert,
+            num_experts=E,
+            k=2,
+            drop_tokens=False,
+            min_capacity=0,
+            top2_2nd_expert_sampling=False,
+            use_residual=use_residual,
         )
-        with torch.no_grad():
-            for p in self.moe.deepspeed_moe.experts.parameters():
+        with torch.no_grad():  # experts (and the residual mlp and coefficient) all differ
+            for p in self.moe.parameters() if use_residual else self.moe.deepspeed_moe.experts.parameters():
                 p.normal_(0, 0.3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,10 +233,10 @@ class NativeNet(nn.Module):
         return y + 0.0 * l_aux
 
 
-def converted_deepspeed_model_trains(rank: int, moe_ds: Any, tmp: Path) -> None:
+def converted_deepspeed_model_trains(rank: int, moe_ds: Any, tmp: Path, use_residual: bool = False) -> Any:
     from moe.integrations.deepspeed_convert import convert
 
-    ref = NativeNet()  # DeepSpeed's own layer, one process, the whole batch
+    ref = NativeNet(use_residual)  # DeepSpeed's own layer, one process, the whole batch
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
     ref_losses = []
     for step in range(STEPS):
@@ -239,7 +246,7 @@ def converted_deepspeed_model_trains(rank: int, moe_ds: Any, tmp: Path) -> None:
         loss.backward()
         opt.step()
         ref_losses.append(loss.item())
-    model = NativeNet()
+    model = NativeNet(use_residual)
     assert convert(model) == 1
     engine, _, _, _ = moe_ds.initialize(model, _config(2), ep_size=2, plan="ep")
     losses = [_train_step(engine, rank, s) for s in range(STEPS)]
@@ -247,10 +254,83 @@ def converted_deepspeed_model_trains(rank: int, moe_ds: Any, tmp: Path) -> None:
     tol = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(engine.module.inp.weight, ref.inp.weight, **tol)
     torch.testing.assert_close(engine.module.moe.router.weight, ref.moe.deepspeed_moe.gate.wg.weight, **tol)
+    if use_residual:
+        torch.testing.assert_close(engine.module.moe.residual_coef.weight, ref.moe.coefficient.weight, **tol)
+        torch.testing.assert_close(engine.module.moe.residual_coef.bias, ref.moe.coefficient.bias, **tol)
+        torch.testing.assert_close(engine.module.moe.residual_mlp.up_proj.weight, ref.moe.mlp[0].weight, **tol)
+    return engine
 
 
-SCENARIOS: list[Callable[[int, Any, Path], None]] = [
+def converted_residual_moe_trains_and_reshards(rank: int, moe_ds: Any, tmp: Path) -> None:
+    """DeepSpeed's Residual MoE (use_residual=True), converted: ZeRO 2 at ep_size 2 matches DeepSpeed's
+    own layer in one process; its engine checkpoint (dense branch replicated) loads at ep_size 1."""
+    from moe.integrations.deepspeed_convert import convert
+
+    a = converted_deepspeed_model_trains(rank, moe_ds, tmp, use_residual=True)
+    assert a.module.moe.use_residual and a.module.moe.residual_mlp is not None
+    a.save_checkpoint(str(tmp / "residual"), tag="t")
+    x, _ = _data(5)
+    with torch.no_grad():
+        want = a(x)
+    other = NativeNet(True, seed=4)
+    convert(other)
+    b, _, _, _ = moe_ds.initialize(other, _config(2), ep_size=1)
+    b.load_checkpoint(str(tmp / "residual"), tag="t", load_optimizer_states=False, load_module_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), want, rtol=1e-5, atol=1e-6)
+
+
+class PyramidNet(nn.Module):
+    """Two residual MoE layers with 2 and 4 experts (top-1, top-2): a PR-MoE pyramid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(D, D)
+        self.lower = moe.MoE(D, H, 2, 1, residual=True, aux_loss_coef=0.0)
+        self.upper = moe.MoE(D, H, 4, 2, residual=True, aux_loss_coef=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.inp(x))
+        x = x + self.lower(x)
+        return x + self.upper(x)
+
+
+def pyramid_trains_and_reshards(rank: int, moe_ds: Any, tmp: Path) -> None:
+    """A pyramid (2 then 4 experts, residual) at ep_size 2 under ZeRO 2 matches one process; its
+    engine checkpoint loads at ep_size 1; a pyramid whose count ep_size does not divide is refused."""
+    ref = PyramidNet()
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+    ref_losses = []
+    for step in range(STEPS):
+        x, t = _data(step)
+        loss = (ref(x) - t).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+    engine, _, _, _ = moe_ds.initialize(PyramidNet(), _config(2), ep_size=2, plan="ep")
+    assert [engine.module.lower.num_local_experts, engine.module.upper.num_local_experts] == [1, 2]
+    losses = [_train_step(engine, rank, s) for s in range(STEPS)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
+    engine.save_checkpoint(str(tmp / "pyramid"), tag="t")
+    x, _ = _data(5)
+    with torch.no_grad():
+        want = engine(x)
+    other, _, _, _ = moe_ds.initialize(PyramidNet(), _config(2), ep_size=1)
+    other.load_checkpoint(str(tmp / "pyramid"), tag="t", load_optimizer_states=False, load_module_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), want, rtol=1e-5, atol=1e-6)
+    bad = PyramidNet()
+    bad.upper = moe.MoE(D, H, 3, 1, residual=True)
+    with pytest.raises(ValueError, match=r"upper: num_experts \(3\) must be divisible by ep_size \(2\)"):
+        moe_ds.prepare(bad, ep_size=2)
+
+
+SCENARIOS: list[Callable[[int, Any, Path], Any]] = [
     converted_deepspeed_model_trains,
+    converted_residual_moe_trains_and_reshards,
+    pyramid_trains_and_reshards,
     zero_matches_single_process,
     checkpoint_resumes_exactly,
     checkpoint_other_ep_size_and_export,

@@ -122,8 +122,12 @@ def test_unconvertible_layers_are_refused() -> None:
         from_deepspeed_layer(_ds_layer(1, nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D))))
     with pytest.raises(ValueError, match="ep_size=1"):
         from_deepspeed_layer(DSMoE(D, _gelu_expert(), num_experts=E, ep_size=2))
-    with pytest.raises(ValueError, match="Residual"):
-        from_deepspeed_layer(DSMoE(D, _gelu_expert(), num_experts=E, use_residual=True))
+    with pytest.raises(ValueError, match="experts' width"):  # DeepSpeed's dense branch is the expert module
+        to_deepspeed_layer(moe.MoE(D, H, E, 1, norm_topk_prob=False, residual=True, residual_hidden_dim=2 * H))
+    with pytest.raises(ValueError, match="cannot convert expert module"):  # a residual mlp with biases
+        layer = DSMoE(D, _gelu_expert(), num_experts=E, use_residual=True)
+        layer.mlp = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D))
+        from_deepspeed_layer(layer)
     with pytest.raises(ValueError, match="top-1 unnormalised"):
         to_deepspeed_layer(moe.MoE(D, H, E, 2, norm_topk_prob=False))
     with pytest.raises(ValueError, match="topk"):
@@ -132,3 +136,76 @@ def test_unconvertible_layers_are_refused() -> None:
         from_deepspeed_layer(nn.Linear(D, D))
     with pytest.raises(ValueError, match="eval_capacity_factor"):  # one capacity factor here, two there
         from_deepspeed_layer(DSMoE(D, _gelu_expert(), num_experts=E, capacity_factor=1.0, eval_capacity_factor=4.0))
+
+
+def _ds_residual_layer(k: int, expert: nn.Module) -> DSMoE:
+    torch.manual_seed(0)
+    layer = DSMoE(
+        D,
+        expert,
+        num_experts=E,
+        k=k,
+        drop_tokens=False,
+        min_capacity=0,
+        top2_2nd_expert_sampling=False,
+        use_residual=True,
+    )
+    with torch.no_grad():  # experts, the dense branch and the coefficient all differ
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    return layer
+
+
+def _residual_grads(layer: nn.Module) -> list[torch.Tensor]:
+    if isinstance(layer, moe.MoE):
+        mlp, coef = layer.residual_mlp, layer.residual_coef
+    else:
+        mlp, coef = layer.mlp, layer.coefficient
+    return [p.grad for p in mlp.parameters()] + [coef.weight.grad, coef.bias.grad]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("expert", ["gelu_sequential", "swiglu_mlp"])
+def test_convert_residual_moe_matches_deepspeed(k: int, expert: str) -> None:
+    """DeepSpeed's Residual MoE (use_residual=True): same outputs and gradients of every weight."""
+    swiglu = expert == "swiglu_mlp"
+    ds = _ds_residual_layer(k, MLP(D, H, "swiglu") if swiglu else _gelu_expert())
+    ours = from_deepspeed_layer(ds)
+    assert ours.config.residual and ours.config.residual_dim == H
+    x = torch.randn(3, 7, D)
+    y_ds, aux_ds, counts_ds, gx_ds = _outputs_and_grads(ds, x)
+    y, aux, counts, gx = _outputs_and_grads(ours, x)
+    torch.testing.assert_close(y, y_ds, **TOL)
+    torch.testing.assert_close(gx, gx_ds, **TOL)
+    assert torch.equal(counts.cpu(), counts_ds.cpu())
+    torch.testing.assert_close(ours.router.weight.grad, ds.deepspeed_moe.gate.wg.weight.grad, **TOL)
+    for ours_g, ds_g in zip(_expert_grads_ours(ours), _expert_grads_ds(ds, swiglu), strict=True):
+        torch.testing.assert_close(ours_g, ds_g, **TOL)
+    if swiglu:  # same parameter order (MLP on both sides)
+        for ours_g, ds_g in zip(_residual_grads(ours), _residual_grads(ds), strict=True):
+            torch.testing.assert_close(ours_g, ds_g, **TOL)
+    else:
+        ours_g, ds_g = _residual_grads(ours), _residual_grads(ds)
+        torch.testing.assert_close(ours_g[0], ds_g[0], **TOL)  # up_proj <- Linear(D, H)
+        torch.testing.assert_close(ours_g[1], ds_g[1], **TOL)  # down_proj <- Linear(H, D)
+        torch.testing.assert_close(ours_g[2:], ds_g[2:], **TOL)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_residual_moe_round_trip(activation: str) -> None:
+    torch.manual_seed(1)
+    ours = moe.MoE(D, H, E, 2, activation=activation, residual=True, aux_loss_coef=1.0)
+    with torch.no_grad():
+        ours.residual_coef.bias.copy_(torch.tensor([0.3, -0.2]))
+    ds = to_deepspeed_layer(ours)
+    assert ds.use_residual
+    back = from_deepspeed_layer(ds)
+    x = torch.randn(2, 9, D)
+    y_ds = ds(x)[0]
+    torch.testing.assert_close(y_ds, ours(x), **TOL)
+    torch.testing.assert_close(back(x)[0], y_ds, **TOL)
+    assert back.state_dict().keys() == ours.state_dict().keys()
+    for a, b in zip(back.state_dict().values(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    model = nn.ModuleDict({"a": ds})
+    assert convert(model) == 1 and model["a"].config.residual

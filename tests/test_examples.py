@@ -71,3 +71,46 @@ def test_tiny_lm_is_causal_and_rejects_expert_choice(examples) -> None:
             assert not torch.allclose(model(tokens)[:, 8:], model(changed)[:, 8:])
     with pytest.raises(ValueError, match="leaks the future"):
         tiny_lm.TinyLMConfig(router="expert_choice")
+
+
+def test_mos_distill_example_runs_and_kd_moves_the_student(examples) -> None:
+    mos = importlib.import_module("mos_distill")
+    argv = ["--steps", "6", "--kd-stop", "4", "--teacher-layers", "2", "--student-layers", "1", "--dim", "16"]
+    out = mos.main(argv + ["--batch-size", "4", "--seq-len", "16", "--train-bytes", "100000", "--eval-batches", "1"])
+    assert set(out) == {"teacher", "student", "student_kd"}
+    assert all(math.isfinite(v) for v in out.values())
+    assert out["student"] != out["student_kd"]  # same batches and init: only the KD term differs
+    sys.modules.pop("mos_distill", None)
+
+
+def test_tiny_lm_pyramid_config(examples) -> None:
+    tiny_lm = importlib.import_module("tiny_lm")
+    cfg = tiny_lm.TinyLMConfig(dim=16, num_layers=3, num_experts=[2, 4, 8], top_k=(1, 2, 2), residual=True)
+    model = tiny_lm.TinyLM(cfg)
+    assert [(m.config.num_experts, m.config.top_k, m.config.residual) for m in model.moe_layers()] == [
+        (2, 1, True),
+        (4, 2, True),
+        (8, 2, True),
+    ]
+    total, active = model.param_counts()
+    per_expert = 16 * 2 * 64 + 64 * 16  # w_in [D, 2H] + w_out [H, D], H = 64
+    assert total - active == per_expert * ((2 - 1) + (4 - 2) + (8 - 2))
+    assert model(torch.randint(0, 256, (2, 8))).shape == (2, 8, 256)
+    with pytest.raises(ValueError, match="per-layer values but num_layers is 3"):
+        tiny_lm.TinyLMConfig(num_layers=3, num_experts=(4, 8))
+    with pytest.raises(ValueError, match="layer 0: top_k"):
+        tiny_lm.TinyLMConfig(num_layers=2, num_experts=(1, 8), top_k=2)
+
+
+def test_pr_moe_benchmark_smoke(examples) -> None:
+    pr_moe = importlib.import_module("pr_moe")
+    rows = pr_moe.main(
+        ["--steps", "2", "--dim", "16", "--hidden", "16", "--batch-size", "2", "--seq-len", "16"]
+        + ["--train-bytes", "100000", "--eval-batches", "1", "--no-progress"]
+    )
+    assert [r["model"] for r in rows] == ["standard", "residual", "pr-moe", "mos"]
+    by = {r["model"]: r for r in rows}
+    assert by["pr-moe"]["params"] < by["residual"]["params"] and by["mos"]["params"] < by["pr-moe"]["params"]
+    assert by["pr-moe"]["experts"] == "4x4x8x8" and by["mos"]["experts"] == "4x8x8"
+    assert all(math.isfinite(r["heldout_loss"]) for r in rows)
+    sys.modules.pop("pr_moe", None)

@@ -256,7 +256,7 @@ def _mark(layer: MoE, ep_size: int, group_name: str, data_before_expert: bool) -
     ds.num_local_experts = layer.config.num_experts // ep_size
     ds.expert_group_name = group_name
     ds.enable_expert_tensor_parallelism = False
-    ds.use_residual = False
+    ds.use_residual = layer.config.residual
     ds._ds_data_before_expert = data_before_expert
     ds._ds_checkpoint_names = False
     for p in _expert_params(layer):

@@ -17,14 +17,20 @@ What maps (DeepSpeed -> ours):
     l_aux (Switch/GShard balance loss, unweighted)     -> aux_loss_coef=1.0, returned as l_aux
     experts: nn.Sequential(Linear(D, H, bias=False), GELU(), Linear(H, D, bias=False))
              or moe.experts.MLP (SwiGLU or GELU)      -> Experts w_in [E, D, F], w_out [E, H, D]
+    use_residual=True (Residual MoE): mlp          -> residual=True, residual_mlp (same activation
+                                                     as the experts; width may differ from theirs)
+                                      coefficient  -> residual_coef (Linear(D, 2) with bias)
 Outputs are identical (up to fp32 summation order) when no token is dropped. Differences that
 remain: with capacity, DeepSpeed picks the dropped tokens at random (use_rts) and keeps
 min_capacity slots; ours drops later tokens first and has no minimum. DeepSpeed's default k = 2
 draws the 2nd expert with Gumbel noise (top2_2nd_expert_sampling=True), even in eval; ours takes
 the deterministic 2nd choice. l_aux for k = 2: DeepSpeed counts first choices only.
-Not converted (ValueError): experts with biases or other structures, use_residual,
+Not converted (ValueError): experts (or a residual mlp) with biases or other structures,
 noisy_gate_policy "RSample", k > 2, layers built with ep_size > 1 (they hold only their
 rank's experts: build with ep_size=1 and pass ep_size to prepare/initialize instead).
+To DeepSpeed: a residual moe.MoE becomes use_residual=True when its dense branch has the experts'
+width (DeepSpeed's dense branch is the expert module itself); otherwise ValueError, as for shared
+experts, which DeepSpeed's layer lacks.
 """
 
 from __future__ import annotations
@@ -101,8 +107,6 @@ def from_deepspeed_layer(layer: Any, backend: str = "auto") -> DeepSpeedStyleMoE
             f"layer was built with ep_size={layer.ep_size} and holds only its rank's experts; build it with "
             "ep_size=1 and pass ep_size to moe.integrations.deepspeed.prepare/initialize instead"
         )
-    if layer.use_residual:
-        raise ValueError("use_residual=True (Residual MoE) has no moe.MoE equivalent")
     gate = layer.deepspeed_moe.gate
     if gate.k not in (1, 2):
         raise ValueError(f"k={gate.k}: only top-1 and top-2 DeepSpeed gates are converted")
@@ -125,6 +129,14 @@ def from_deepspeed_layer(layer: Any, backend: str = "auto") -> DeepSpeedStyleMoE
     w_in = torch.stack([p[1] for p in parts])
     w_out = torch.stack([p[2] for p in parts])
     hidden = w_out.shape[1]
+    residual = None
+    if layer.use_residual:
+        residual = _expert_weights(layer.mlp, dim)
+        if residual[0] != activation:
+            raise ValueError(
+                f"the residual mlp uses {residual[0]} but the experts {activation}: moe.MoE's dense branch "
+                "has the experts' activation"
+            )
     ours = DeepSpeedStyleMoE(
         dim,
         hidden,
@@ -136,6 +148,8 @@ def from_deepspeed_layer(layer: Any, backend: str = "auto") -> DeepSpeedStyleMoE
         norm_topk_prob=gate.k == 2,
         aux_loss_coef=1.0,
         jitter=JITTER if gate.noisy_gate_policy == "Jitter" else 0.0,
+        residual=residual is not None,
+        residual_hidden_dim=None if residual is None else residual[2].shape[0],
     )
     ref = gate.wg.weight
     ours.to(device=ref.device, dtype=w_in.dtype)
@@ -143,8 +157,24 @@ def from_deepspeed_layer(layer: Any, backend: str = "auto") -> DeepSpeedStyleMoE
     router.weight.copy_(ref)
     ours.experts.w_in.copy_(w_in)
     ours.experts.w_out.copy_(w_out)
+    if residual is not None:
+        assert ours.residual_mlp is not None and ours.residual_coef is not None
+        _load_mlp(ours.residual_mlp, residual[1], residual[2])
+        ours.residual_coef.weight.copy_(layer.coefficient.weight)
+        ours.residual_coef.bias.copy_(layer.coefficient.bias)
     ours.train(layer.training)
     return ours
+
+
+def _load_mlp(mlp: MLP, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+    """Writes w_in [D, F] (gate | up for SwiGLU) and w_out [H, D] into an MLP's Linear layers."""
+    h = w_out.shape[0]
+    if mlp.activation == "swiglu":
+        mlp.gate_proj.weight.copy_(w_in[:, :h].t())
+        mlp.up_proj.weight.copy_(w_in[:, h:].t())
+    else:
+        mlp.up_proj.weight.copy_(w_in.t())
+    mlp.down_proj.weight.copy_(w_out.t())
 
 
 def convert(model: nn.Module, backend: str = "auto") -> int:
@@ -179,6 +209,11 @@ def to_deepspeed_layer(layer: MoE) -> Any:
         raise ValueError(f"jitter must be 0 or {JITTER} and z_loss_coef 0 to map to DeepSpeed's gate")
     if c.num_shared_experts or layer.parallel is not None:
         raise ValueError("shared experts and expert-parallel layers have no deepspeed.moe.layer.MoE equivalent")
+    if c.residual and c.residual_dim != c.hidden_dim:
+        raise ValueError(
+            f"the residual dense branch is {c.residual_dim} wide but the experts {c.hidden_dim}: DeepSpeed's "
+            "use_residual dense branch is the expert module itself, so it must have the experts' width"
+        )
     h = c.hidden_dim
     ds = DeepSpeedNativeMoE(
         c.dim,
@@ -193,18 +228,18 @@ def to_deepspeed_layer(layer: MoE) -> Any:
         drop_tokens=not c.dropless,
         use_rts=False,
         top2_2nd_expert_sampling=False,
+        use_residual=c.residual,
     )
     w = layer.experts.w_in
     ds.to(device=w.device, dtype=w.dtype)
     ds.deepspeed_moe.gate.wg.float().weight.copy_(router.weight)
     for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-        w_in, w_out = layer.experts.w_in[e], layer.experts.w_out[e]
-        if c.activation == "swiglu":
-            expert.gate_proj.weight.copy_(w_in[:, :h].t())
-            expert.up_proj.weight.copy_(w_in[:, h:].t())
-        else:
-            expert.up_proj.weight.copy_(w_in.t())
-        expert.down_proj.weight.copy_(w_out.t())
+        _load_mlp(expert, layer.experts.w_in[e], layer.experts.w_out[e])
+    if c.residual:
+        assert layer.residual_mlp is not None and layer.residual_coef is not None
+        ds.mlp.load_state_dict(layer.residual_mlp.state_dict())
+        ds.coefficient.weight.copy_(layer.residual_coef.weight)
+        ds.coefficient.bias.copy_(layer.residual_coef.bias)
     ds.train(layer.training)
     return ds
 

@@ -65,6 +65,9 @@ class Residency:
         num_layers: MoE layers (per-layer scope splits the budget evenly over them).
         scope: "layer" (each layer has budget_bytes // num_layers) or "global" (one pool).
         on_evict: called with each evicted key (the runtime frees its buffer there).
+        layer_shares: per-layer scope only: split the budget in proportion to these weights
+            instead of evenly (the runtime passes each layer's expert count x expert bytes, so a
+            pyramid's wide layers get the larger pools). None = evenly.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Residency:
         num_layers: int,
         scope: str = "layer",
         on_evict: Callable[[Key], None] | None = None,
+        layer_shares: list[float] | None = None,
     ) -> None:
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -81,6 +85,13 @@ class Residency:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.budget_bytes, self.policy, self.num_layers, self.scope = int(budget_bytes), policy, num_layers, scope
         self.pool_budget = self.budget_bytes // num_layers if scope == "layer" else self.budget_bytes
+        self.pool_budgets: dict[int, int] = {}  # per-layer pools sized by layer_shares (else pool_budget)
+        if layer_shares is not None and scope == "layer":
+            if len(layer_shares) != num_layers or not all(w > 0 for w in layer_shares):
+                raise ValueError(f"layer_shares must be {num_layers} positive weights, got {layer_shares!r}")
+            total = float(sum(layer_shares))
+            self.pool_budgets = {i: int(self.budget_bytes * w / total) for i, w in enumerate(layer_shares)}
+            self.pool_budget = min(self.pool_budgets.values())
         self.on_evict = on_evict
         self.size: dict[Key, int] = {}
         self.members: dict[int, dict[Key, None]] = {}  # pool -> its residents, in insertion order
@@ -94,6 +105,10 @@ class Residency:
         """The budget pool of `key` = (layer, expert): its layer with per-layer budgets, else 0."""
         return key[0] if self.scope == "layer" else 0
 
+    def budget_of(self, key: Key) -> int:
+        """Bytes of the pool `key` belongs to."""
+        return self.pool_budgets.get(self.pool(key), self.pool_budget)
+
     @property
     def used_bytes(self) -> int:
         """Bytes held by resident experts, over all pools."""
@@ -102,14 +117,18 @@ class Residency:
     def __contains__(self, key: Key) -> bool:
         return key in self.size
 
-    def check_fits(self, nbytes: int, what: str) -> None:
-        """Raises BudgetError when one expert of `nbytes` cannot fit in an empty pool."""
-        if nbytes > self.pool_budget:
-            per = "per layer (budget / MoE layers)" if self.scope == "layer" else "in all"
+    def check_fits(self, nbytes: int, what: str, key: Key | None = None) -> None:
+        budget = self.pool_budget if key is None else self.budget_of(key)
+        if nbytes > budget:
+            if self.pool_budgets:
+                per = f"for its layer (the budget split over MoE layers by expert count x size: {self.pool_budgets})"
+                need = f"a larger cache budget (layer {self.pool(key) if key else '?'} gets {budget} bytes of it)"
+            else:
+                per = "per layer (budget / MoE layers)" if self.scope == "layer" else "in all"
+                total = nbytes * (self.num_layers if self.scope == "layer" else 1)
+                need = f"the cache budget to at least {total} bytes (one expert per layer)"
             raise BudgetError(
-                f"{what} needs {nbytes} bytes but the expert cache has {self.pool_budget} bytes {per}; "
-                f"raise the cache budget to at least {nbytes * (self.num_layers if self.scope == 'layer' else 1)} "
-                "bytes (one expert per layer)"
+                f"{what} needs {nbytes} bytes but the expert cache has {budget} bytes {per}; raise {need}"
             )
 
     def make_room(self, key: Key, nbytes: int, floor: tuple[float, ...] | None = None) -> bool:
@@ -122,16 +141,17 @@ class Residency:
         Returns:
             False (nothing evicted beyond what fits) when no permitted victim is left.
         """
-        self.check_fits(nbytes, f"expert {key}")
+        self.check_fits(nbytes, f"expert {key}", key)
         pool = self.pool(key)
+        budget = self.budget_of(key)
         if floor is not None:
             # All or nothing: evict only if the residents ranked below the floor free enough
             # (experts of different sizes share a global pool: a partial eviction would be waste).
-            need = self.used.get(pool, 0) + nbytes - self.pool_budget
+            need = self.used.get(pool, 0) + nbytes - budget
             below = [k for k in self.members.get(pool, ()) if k not in self.pinned and self.policy.rank(k) < floor]
             if sum(self.size[k] for k in below) < need:
                 return False
-        while self.used.get(pool, 0) + nbytes > self.pool_budget:
+        while self.used.get(pool, 0) + nbytes > budget:
             candidates = [k for k in self.members.get(pool, ()) if k not in self.pinned]
             if not candidates:
                 return False
@@ -150,7 +170,7 @@ class Residency:
             prefetched: admitted by a prefetch, not a demand miss (counted as wasted if evicted unused).
         """
         pool = self.pool(key)
-        if self.used.get(pool, 0) + nbytes > self.pool_budget:
+        if self.used.get(pool, 0) + nbytes > self.budget_of(key):
             raise BudgetError(f"insert of {key} would exceed the budget: call make_room first")
         self.size[key] = nbytes
         self.members.setdefault(pool, {})[key] = None

@@ -148,7 +148,7 @@ class CacheEngine:
         if self.admit_cpu_misses is None or not self.admit_cpu_misses():
             return
         res, nbytes = self.residency, self.expert_bytes(key[0])
-        if key in res or nbytes > res.pool_budget:
+        if key in res or nbytes > res.budget_of(key):
             return
         rank = res.policy.rank(key)
         if not res.make_room(key, nbytes, floor=rank):
@@ -201,7 +201,7 @@ class CacheEngine:
         try:
             for e in candidates:
                 key = (layer, e)
-                if key in res or nbytes > res.pool_budget:
+                if key in res or nbytes > res.budget_of(key):
                     continue
                 # Evict only what the policy values less than this prediction (never a pinned
                 # expert, and so never an earlier, more confident prefetch of this call).

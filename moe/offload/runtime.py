@@ -45,7 +45,8 @@ class OffloadConfig:
     """How experts are cached (`moe.offload.load(dir, device, config=OffloadConfig(...))`).
 
     Attributes:
-        expert_cache_bytes: device bytes for experts (per-layer scope: split evenly over MoE layers).
+        expert_cache_bytes: device bytes for experts (per-layer scope: split over MoE layers in
+            proportion to their expert count x expert size: evenly when all layers are alike).
         policy: "lru" | "lfu" | "predictive".
         scope: "layer" (per-layer budgets) or "global" (one pool across layers).
         lookahead: layers ahead the predictive policy prefetches (0 = eviction ranking only).
@@ -115,11 +116,20 @@ class OffloadRuntime:
         self.store, self.config, self.routers, self.num_experts = store, config, routers, num_experts
         self.activation, self.cost = activation, cost
         self.num_layers = len(routers)
+        if len(num_experts) != self.num_layers:
+            raise ValueError(f"num_experts has {len(num_experts)} entries for {self.num_layers} MoE layers (routers)")
+        # Per-layer pools in proportion to each layer's expert bytes: a pyramid's wide layers get more.
+        shares = [float(n * store.expert_bytes(layer)) for layer, n in enumerate(num_experts)]
         self.residency = Residency(
-            config.expert_cache_bytes, make_policy(config.policy), self.num_layers, config.scope, store.drop
+            config.expert_cache_bytes,
+            make_policy(config.policy),
+            self.num_layers,
+            config.scope,
+            store.drop,
+            layer_shares=None if len(set(shares)) <= 1 else shares,
         )
         for layer in range(self.num_layers):
-            self.residency.check_fits(store.expert_bytes(layer), f"one expert of MoE layer {layer}")
+            self.residency.check_fits(store.expert_bytes(layer), f"one expert of MoE layer {layer}", (layer, 0))
         cuda_link = store.device.type == "cuda" and config.link_budget
         self.engine = CacheEngine(
             self.residency,

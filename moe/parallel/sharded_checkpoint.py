@@ -92,6 +92,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             first = m.stored.first_expert if isinstance(m, ParallelExperts) else 0
             count = m.stored.num_experts if isinstance(m, ParallelExperts) else m.num_experts
             ids = range(first, first + count)
+            saved = {k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix) and k.endswith(".w_in")}
+            saved_count = sum(part.isdigit() for part in saved)
+            if saved_count != m.num_experts:  # e.g. a pyramid saved with other per-layer expert counts
+                raise ValueError(
+                    f"{path} holds {saved_count} experts for {name or 'the model'}, the model has {m.num_experts}"
+                )
             missing = [f"{prefix}{e}.w_in" for e in ids if f"{prefix}{e}.w_in" not in keys]
             if missing:
                 raise ValueError(f"{path} lacks experts of {name or 'the model'}: {missing[:4]}")
