@@ -118,6 +118,7 @@ class Residency:
         return key in self.size
 
     def check_fits(self, nbytes: int, what: str, key: Key | None = None) -> None:
+        """Raises BudgetError when one expert of `nbytes` cannot fit in its empty pool (key's layer)."""
         budget = self.pool_budget if key is None else self.budget_of(key)
         if nbytes > budget:
             if self.pool_budgets:
