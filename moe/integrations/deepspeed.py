@@ -101,6 +101,7 @@ class DeepSpeedMoE(MoE, _DeepSpeedNativeMoE):
                 raise ValueError(f"layer's expert group has ranks {have}, DeepSpeed's {self.expert_group_name} {want}")
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """moe.MoE.forward: x [..., D] -> [..., D] (DeepSpeed's own MoE returns a tuple; ours does not)."""
         return MoE.forward(self, x, token_mask)
 
     def extra_repr(self) -> str:

@@ -58,6 +58,7 @@ class DeepSpeedStyleMoE(MoE):
     def forward(  # type: ignore[override]
         self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [..., D] (used_token [...] marks real tokens) -> (output, l_aux, exp_counts [E])."""
         mask = None if used_token is None else used_token.reshape(hidden_states.shape[:-1]).bool()
         y = MoE.forward(self, hidden_states, mask)
         if mask is not None:
