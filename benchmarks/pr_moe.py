@@ -6,10 +6,13 @@ and ms/step (wall time of the training loop / steps; the distilled row includes 
 forward while KD is on). Rows:
 
     standard   E experts in every layer, top-1 (the paper's MoE-E baseline, here top-1 as there)
+    top-2      the same with top-2: the compute-matched baseline of residual / PR-MoE (two expert
+               MLPs per token, as residual's dense branch + one expert)
     residual   the same + a dense MLP branch per layer (Residual MoE), top-1
     pr-moe     pyramid (E/2 experts in the first half of the layers, E in the rest) + residual
-    mos        PR-MoE student with fewer layers, staged KD from the trained pr-moe row (the
-               KD term is switched off at 3/4 of the steps), same steps and batches
+    student    the PR-MoE student (fewer layers) trained without KD: what the distillation adds
+    mos        the same student with staged KD from the trained pr-moe row (the KD term is
+               switched off at 3/4 of the steps), same steps and batches
 
 The paper's claim: PR-MoE reaches the standard MoE's quality with clearly fewer parameters.
 
@@ -39,6 +42,8 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 import bench_harness as harness  # noqa: E402
 
+KINDS = ("standard", "top-2", "residual", "pr-moe", "student", "mos")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Standard MoE vs Residual MoE vs PR-MoE vs MoS student on the tiny LM.")
@@ -61,10 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace, kind: str) -> TinyLMConfig:
-    layers = args.student_layers if kind == "mos" else args.layers
+    layers = args.student_layers if kind in ("student", "mos") else args.layers
     e = args.experts
     experts: int | tuple[int, ...] = e
-    if kind in ("pr-moe", "mos"):
+    if kind in ("pr-moe", "student", "mos"):
         # the pyramid's lower half has E/2 experts; the student keeps the teacher's top layers' E
         half = args.layers // 2
         experts = tuple(max(1, e // 2) if i < half else e for i in range(args.layers))[args.layers - layers :]
@@ -72,9 +77,9 @@ def model_config(args: argparse.Namespace, kind: str) -> TinyLMConfig:
         dim=args.dim,
         num_layers=layers,
         num_experts=experts,
-        top_k=1,
+        top_k=2 if kind == "top-2" else 1,
         expert_hidden_dim=args.hidden,
-        residual=kind != "standard",
+        residual=kind not in ("standard", "top-2"),
         router_options={"aux_loss_coef": 1e-2},
         max_seq_len=args.seq_len,
     )
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     rows: list[dict[str, Any]] = []
     teacher: TinyLM | None = None
-    for kind in ("standard", "residual", "pr-moe", "mos"):
+    for kind in KINDS:
         mcfg = model_config(args, kind)
         torch.manual_seed(args.seed)
         model = TinyLM(mcfg)
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     rows = run(args)
     print(
-        f"tiny LM, dim {args.dim}, expert hidden {args.hidden}, top-1, {args.steps} steps x {args.batch_size} x "
+        f"tiny LM, dim {args.dim}, expert hidden {args.hidden}, top-1, {args.steps} steps x "
+        f"{args.batch_size} x "
         f"{args.seq_len} bytes, {args.threads} thread(s), torch {torch.__version__}, {platform.machine()}"
     )
     print(format_table(rows))

@@ -108,9 +108,10 @@ def test_pr_moe_benchmark_smoke(examples) -> None:
         ["--steps", "2", "--dim", "16", "--hidden", "16", "--batch-size", "2", "--seq-len", "16"]
         + ["--train-bytes", "100000", "--eval-batches", "1", "--no-progress"]
     )
-    assert [r["model"] for r in rows] == ["standard", "residual", "pr-moe", "mos"]
+    assert [r["model"] for r in rows] == ["standard", "top-2", "residual", "pr-moe", "student", "mos"]
     by = {r["model"]: r for r in rows}
     assert by["pr-moe"]["params"] < by["residual"]["params"] and by["mos"]["params"] < by["pr-moe"]["params"]
-    assert by["pr-moe"]["experts"] == "4x4x8x8" and by["mos"]["experts"] == "4x8x8"
+    assert by["pr-moe"]["experts"] == "4x4x8x8" and by["mos"]["experts"] == by["student"]["experts"] == "4x8x8"
+    assert by["top-2"]["params"] == by["standard"]["params"] < by["top-2"]["active_params"] * 4
     assert all(math.isfinite(r["heldout_loss"]) for r in rows)
     sys.modules.pop("pr_moe", None)
