@@ -257,3 +257,19 @@ def test_two_models_keep_separate_recurrent_state() -> None:
 def test_recurrent_config_is_used_by_name() -> None:
     layer = moe.MoE(8, 16, 4, 2, "recurrent", router_config=RecurrentConfig(recurrent_dim=5))
     assert isinstance(layer.router, RecurrentRouter) and layer.router.core.cell.hidden_size == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_recurrent_router_runs_in_the_model_dtype(dtype: torch.dtype) -> None:
+    """An fp64 or bf16 layer with the recurrent router (it used to fail: fp32 input, other-dtype GRU)."""
+    torch.manual_seed(0)
+    ref = moe.MoE(8, 16, 4, 2, router="recurrent")
+    layer = moe.MoE(8, 16, 4, 2, router="recurrent").to(dtype)
+    layer.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
+    x = torch.randn(6, 8)
+    xd = x.to(dtype).requires_grad_()
+    y = layer(xd)
+    y.sum().backward()
+    assert y.dtype == dtype and xd.grad is not None and torch.isfinite(xd.grad.float()).all()
+    if dtype == torch.float64:  # same routing and output as the fp32 layer, to fp32 precision
+        torch.testing.assert_close(y.float(), ref(x), rtol=1e-4, atol=1e-5)

@@ -70,6 +70,12 @@ class RecurrentCore(nn.Module):
         state.update(_h_in={}, _h_last=None, _last_index=-1)
         return state
 
+    def run_cell(self, x_TR: torch.Tensor, h_TR: torch.Tensor) -> torch.Tensor:
+        """One GRU step in the cell's dtype (bf16 weights of a bf16 model included), returned in
+        x_TR's dtype (fp32, or fp64 for an fp64 model): h [T, R]."""
+        dtype = self.cell.weight_ih.dtype
+        return self.cell(x_TR.to(dtype), h_TR.to(dtype)).to(x_TR.dtype)
+
     def attach(self) -> int:
         """Registers one more router and returns its layer index."""
         self.num_layers += 1
@@ -84,7 +90,7 @@ class RecurrentCore(nn.Module):
         mark = _fingerprint(x_TR)
         for seen, h_in in reversed(self._h_in[layer_index]):
             if seen.shape == mark.shape and torch.equal(seen, mark):
-                return self.cell(x_TR, h_in.to(x_TR.dtype))
+                return self.run_cell(x_TR, h_in)
         raise RuntimeError(
             f"recurrent router {layer_index}: activation-checkpoint recomputation found no forward pass with this "
             f"input among the last {MAX_PASSES} (more forwards than that before one backward, or the input changed); "
@@ -125,7 +131,7 @@ class RecurrentCore(nn.Module):
             # Recomputation must save the same tensors as this forward: keep requires_grad.
             kept = self._h_in.setdefault(layer_index, deque(maxlen=MAX_PASSES))
             kept.append((_fingerprint(x_TR), h_prev.detach().requires_grad_(h_prev.requires_grad)))
-        h = self.cell(x_TR, h_prev)
+        h = self.run_cell(x_TR, h_prev)
         self._h_last, self._last_index = h, layer_index
         return h
 
@@ -172,13 +178,15 @@ class RecurrentRouter(Router):
             Routing with expert_ids [T, K], weights [T, K], probs [T, E] and the balance / z losses.
         """
         h = self.core.step(self.layer_index, self._project(x_TD))
-        logits = (h @ self.proj_out.weight.float().t()).float()
+        logits = (h @ self.proj_out.weight.to(h.dtype).t()).float()
         probs, weights, ids = softmax_topk(logits, self.top_k, self.config.norm_topk_prob)
         losses = router_losses(logits, probs, ids, self.config.aux_loss_coef, self.config.z_loss_coef, token_mask)
         return Routing(ids, weights, losses, probs, x_TD.shape[0] * self.top_k)
 
     def _project(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.proj_in(x_TD.float().to(self.proj_in.weight.dtype)).float()
+        # fp32 at least (the routing math runs in fp32); fp64 when the router's weights are fp64.
+        dtype = torch.promote_types(self.proj_in.weight.dtype, torch.float32)
+        return self.proj_in(x_TD.to(self.proj_in.weight.dtype)).to(dtype)
 
     @torch.no_grad()
     def probe(self, x_TD: torch.Tensor, h_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,8 +199,8 @@ class RecurrentRouter(Router):
         """
         x_TR = self._project(x_TD)
         h_in = self.core.state_before(self.layer_index, x_TR) if h_prev is None else h_prev
-        h = self.core.cell(x_TR, h_in.to(x_TR.dtype))
-        probs, _, ids = softmax_topk((h @ self.proj_out.weight.float().t()).float(), self.top_k, False)
+        h = self.core.run_cell(x_TR, h_in)
+        probs, _, ids = softmax_topk((h @ self.proj_out.weight.to(h.dtype).t()).float(), self.top_k, False)
         return probs, ids
 
 
