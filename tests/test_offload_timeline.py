@@ -168,3 +168,18 @@ def test_presets_state_their_copy_to_compute_balance() -> None:
     assert mixtral.copy_s > 20 * mixtral.expert_device_s  # copies dominate
     assert qwen4.copy_s < 5 * (qwen4.layer_host_s + qwen4.expert_host_s)  # comparable to per-layer work
     assert all(math.isfinite(p.copy_s) and p.notes for p in PRESETS.values())
+
+
+def test_preset_expert_bytes_are_moe_quants_sizes() -> None:
+    from moe.quant import quantize, quantized_expert_bytes
+
+    # Qwen3-30B-A3B: hidden 2048, moe_intermediate 768, SwiGLU; Mixtral-8x7B: 4096, 14336.
+    assert PRESETS["4090-qwen3-30b-a3b"].expert_bytes == quantized_expert_bytes(2048, 768, None) == 3 * 2048 * 768 * 2
+    int4 = PRESETS["4090-qwen3-30b-a3b-int4"].expert_bytes
+    assert int4 == quantized_expert_bytes(2048, 768, "int4", group_size=64)
+    assert int4 * 8 == 3 * 2048 * 768 * 9 // 2  # 4.5 bits a weight
+    assert PRESETS["h100-mixtral"].expert_bytes == quantized_expert_bytes(4096, 14336, None)
+    # What quantize() stores for one Qwen3 expert (scaled down 16x in width: same bits a weight).
+    w_in, w_out = torch.randn(1, 2048, 2 * 48), torch.randn(1, 48 * 16, 2048 // 16)
+    stored = quantize(w_in, "int4", 64).nbytes + quantize(w_out, "int4", 64).nbytes
+    assert stored * 8 == (w_in.numel() + w_out.numel()) * 9 // 2

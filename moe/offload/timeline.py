@@ -34,6 +34,7 @@ from moe.offload.cache import Residency
 from moe.offload.engine import CacheEngine, link_budget
 from moe.offload.policies import Belady, Key, Policy, make_policy
 from moe.offload.trace import Trace
+from moe.quant import quantized_expert_bytes
 
 __all__ = [
     "Hardware",
@@ -119,8 +120,10 @@ class Hardware:
 
 
 _GB = 1e9
-_MIXTRAL_EXPERT = 3 * 4096 * 14336 * 2  # gate, up, down of Mixtral-8x7B in bf16: 352 MB
-_QWEN3_A3B_EXPERT = 3 * 2048 * 768 * 2  # Qwen3-30B-A3B (hidden 2048, moe_intermediate 768) in bf16: 9.4 MB
+_MIXTRAL_EXPERT = quantized_expert_bytes(4096, 14336, None)  # gate, up, down of Mixtral-8x7B in bf16: 352 MB
+_QWEN3_A3B_EXPERT = quantized_expert_bytes(2048, 768, None)  # Qwen3-30B-A3B (2048, moe_intermediate 768), bf16: 9.4 MB
+# moe.quant's int4 (group 64, fp16 scale + zero point per group): 4.5 bits a weight, 2.65 MB.
+_QWEN3_A3B_EXPERT_INT4 = quantized_expert_bytes(2048, 768, "int4", group_size=64)
 
 PRESETS: dict[str, Hardware] = {
     "h100-mixtral": Hardware(
@@ -149,16 +152,16 @@ PRESETS: dict[str, Hardware] = {
     ),
     "4090-qwen3-30b-a3b-int4": Hardware(
         name="4090-qwen3-30b-a3b-int4",
-        # 4-bit weights plus one fp16 scale and zero per group of 64: 4.5 bits a weight.
-        expert_bytes=_QWEN3_A3B_EXPERT * 45 // 160,
+        # moe.quant's int4: 4-bit weights plus an fp16 scale and zero point per group of 64 (4.5 bits a weight).
+        expert_bytes=_QWEN3_A3B_EXPERT_INT4,
         h2d_bytes_per_s=25 * _GB,
         copy_latency_s=15e-6,
         layer_host_s=120e-6,
         layer_device_s=40e-6,
         expert_host_s=25e-6,  # one more kernel: dequantise (or a fused int4 GEMV)
-        expert_device_s=_QWEN3_A3B_EXPERT * 45 // 160 / (1.0e12 * 0.5),
-        cpu_expert_s=_QWEN3_A3B_EXPERT * 45 // 160 / (30 * _GB),  # int4 on the CPU: unpacking halves speed
-        notes="the 4090 preset with int4 experts (2.6 MB: 0.12 ms a copy): copies and compute comparable",
+        expert_device_s=_QWEN3_A3B_EXPERT_INT4 / (1.0e12 * 0.5),
+        cpu_expert_s=_QWEN3_A3B_EXPERT_INT4 / (30 * _GB),  # int4 on the CPU: unpacking halves speed
+        notes="the 4090 preset with int4 experts (2.65 MB: 0.12 ms a copy): copies and compute comparable",
     ),
 }
 
