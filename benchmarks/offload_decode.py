@@ -115,26 +115,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_h2d(nbytes: int, device: torch.device, repeats: int) -> float:
-    """Bytes/s of one host -> device copy of nbytes from pinned memory (CPU: a memcpy); median of repeats."""
-    cuda = device.type == "cuda"
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-    src.fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    times = []
-    for i in range(repeats + 2):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        sync(device)
-        if i >= 2:  # two warm-up copies
-            times.append(time.perf_counter() - start)
-    return nbytes / max(statistics.median(times), 1e-12)
-
-
-def measure_h2d_latency(device: torch.device, repeats: int, nbytes: int = 4096) -> float:
-    """Seconds of one small (4 KiB) pinned host -> device copy, synchronised: the per-copy cost a
-    timeline model adds to bytes / bandwidth (median of repeats; on the CPU, a small memcpy)."""
+def copy_seconds(nbytes: int, device: torch.device, repeats: int) -> float:
+    """Median seconds of one synchronised host -> device copy of nbytes from pinned memory (on the
+    CPU, a memcpy), after two warm-up copies."""
     cuda = device.type == "cuda"
     src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=cuda)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -144,9 +127,19 @@ def measure_h2d_latency(device: torch.device, repeats: int, nbytes: int = 4096) 
         start = time.perf_counter()
         dst.copy_(src, non_blocking=True)
         sync(device)
-        if i >= 2:
+        if i >= 2:  # two warm-up copies
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def measure_h2d(nbytes: int, device: torch.device, repeats: int) -> float:
+    """Bytes/s of one host -> device copy of nbytes (median of repeats)."""
+    return nbytes / max(copy_seconds(nbytes, device, repeats), 1e-12)
+
+
+def measure_h2d_latency(device: torch.device, repeats: int, nbytes: int = 4096) -> float:
+    """Seconds of one small (4 KiB) copy: the per-copy cost a timeline model adds to bytes / bandwidth."""
+    return copy_seconds(nbytes, device, repeats)
 
 
 def save_trace(cand: Candidate, args: argparse.Namespace, spec: ModelSpec) -> None:
