@@ -93,12 +93,7 @@ def record_random_model(tokens: int) -> mo.Trace:
             model.generate(torch.tensor([list(b"Experts route tokens")]), max_new_tokens=tokens, do_sample=False)
     # Drop the prefill steps (one per layer) so the trace is token by token like the synthetic ones.
     full = rec.trace("recorded: random Mixtral 8L x 32E top-4")
-    keep = torch.arange(full.num_layers, full.num_steps)
-    return mo.Trace(
-        full.num_layers, full.num_experts, full.layer_S[keep], full.experts_SM[keep],
-        None if full.probs_SE is None else full.probs_SE[keep],
-        None if full.ahead_SAE is None else full.ahead_SAE[keep], 1, full.source,
-    )  # fmt: skip
+    return full.select(torch.arange(full.num_layers, full.num_steps))
 
 
 def run(name: str, trace: mo.Trace, sizes: list[float], rows: list[dict[str, object]]) -> None:
@@ -238,10 +233,7 @@ def main() -> None:
     run_timeline("synthetic calibrated", mo.synthetic_trace(base), args.sizes, timeline_rows)
     trained = mo.Trace.load(TRAINED)
     if args.quick:  # the first 32 tokens
-        keep = torch.arange(min(trained.num_steps, 32 * trained.num_layers))
-        trained = replace(trained, layer_S=trained.layer_S[keep], experts_SM=trained.experts_SM[keep],
-                          probs_SE=None if trained.probs_SE is None else trained.probs_SE[keep],
-                          ahead_SAE=None if trained.ahead_SAE is None else trained.ahead_SAE[keep])  # fmt: skip
+        trained = trained.select(torch.arange(min(trained.num_steps, 32 * trained.num_layers)))
     run_timeline("trained tiny LM", trained, args.sizes, timeline_rows)
     for path in args.trace:
         run_timeline(os.path.basename(path), mo.Trace.load(path), args.sizes, timeline_rows)

@@ -342,17 +342,7 @@ def decode_steps(trace: mo.Trace, args: argparse.Namespace) -> mo.Trace:
     for i in prefills:
         end = starts[i + 1] if i + 1 < len(starts) else trace.num_steps
         keep[starts[i] : end] = False
-    pick = keep.nonzero().flatten()
-    return mo.Trace(
-        trace.num_layers,
-        trace.num_experts,
-        trace.layer_S[pick],
-        trace.experts_SM[pick],
-        None if trace.probs_SE is None else trace.probs_SE[pick],
-        None if trace.ahead_SAE is None else trace.ahead_SAE[pick],
-        trace.expert_bytes,
-        trace.source,
-    )
+    return trace.select(keep.nonzero().flatten())
 
 
 def simulated_ms_per_token(

@@ -261,3 +261,16 @@ def test_a_prefetch_that_cannot_fit_evicts_nothing() -> None:
     for _ in engine.step(1, [0], torch.tensor([0.9, 0.1]), lookahead=[(2, torch.tensor([0.5, 0.0]))]):
         pass
     assert sorted(res.size) == [(0, 0), (1, 0)] and res.stats.prefetches == 0
+
+
+def test_trace_select_takes_every_per_step_tensor_alike() -> None:
+    trace = mo.synthetic_trace(mo.SyntheticConfig(num_layers=2, num_experts=8, top_k=2, tokens=5, lookahead=1))
+    steps = torch.tensor([4, 1, 2])
+    part = trace.select(steps)
+    assert part.num_steps == 3 and part.layer_S.tolist() == trace.layer_S[steps].tolist()
+    assert [part.needed(i) for i in range(3)] == [trace.needed(4), trace.needed(1), trace.needed(2)]
+    assert part.probs_SE is not None and torch.equal(part.probs_SE, trace.probs_SE[steps])  # type: ignore[index]
+    assert part.ahead_SAE is not None and torch.equal(part.ahead_SAE, trace.ahead_SAE[steps])  # type: ignore[index]
+    assert (part.num_layers, part.num_experts, part.expert_bytes, part.source) == (
+        trace.num_layers, trace.num_experts, trace.expert_bytes, trace.source,
+    )  # fmt: skip

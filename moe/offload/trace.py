@@ -14,6 +14,7 @@ Tensors of a Trace:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -51,6 +52,17 @@ class Trace:
         """The experts with tokens at step `s`, ascending (experts_SM[s] without its -1 padding)."""
         row = self.experts_SM[s]
         return [int(e) for e in row[row >= 0].tolist()]
+
+    def select(self, steps_S: torch.Tensor) -> Trace:
+        """The trace restricted to the steps `steps_S` (int64 indices, kept in that order): every
+        per-step tensor indexed alike, the rest unchanged."""
+        return dataclasses.replace(
+            self,
+            layer_S=self.layer_S[steps_S],
+            experts_SM=self.experts_SM[steps_S],
+            probs_SE=None if self.probs_SE is None else self.probs_SE[steps_S],
+            ahead_SAE=None if self.ahead_SAE is None else self.ahead_SAE[steps_S],
+        )
 
     def requests(self) -> list[Key]:
         """Every (layer, expert) request in the order the cache engine touches them."""
