@@ -147,16 +147,22 @@ class CacheEngine:
         the cache would be paid again at every later use."""
         if self.admit_cpu_misses is None or not self.admit_cpu_misses():
             return
+        self.start_prefetch(key, floor=self.residency.policy.rank(key))
+
+    def start_prefetch(self, key: Key, floor: tuple[float, ...]) -> bool:
+        """Copies key in as a prefetch, evicting only residents the policy ranks below `floor`.
+
+        Returns:
+            False when key is resident already, larger than its pool, or no such room exists.
+        """
         res, nbytes = self.residency, self.expert_bytes(key[0])
-        if key in res or nbytes > res.budget_of(key):
-            return
-        rank = res.policy.rank(key)
-        if not res.make_room(key, nbytes, floor=rank):
-            return
+        if key in res or nbytes > res.budget_of(key) or not res.make_room(key, nbytes, floor=floor):
+            return False
         res.insert(key, nbytes, prefetched=True)
         res.stats.prefetches += 1
         res.stats.bytes_moved += nbytes
         self._fetch(key, True)
+        return True
 
     def _fetch(self, key: Key, prefetch: bool) -> None:
         try:
@@ -196,25 +202,16 @@ class CacheEngine:
             candidates = candidates[: self.max_prefetch]
         if budget is not None:
             candidates = candidates[:budget]
-        nbytes = self.expert_bytes(layer)
         inserted: list[Key] = []
         try:
             for e in candidates:
                 key = (layer, e)
-                if key in res or nbytes > res.budget_of(key):
-                    continue
                 # Evict only what the policy values less than this prediction (never a pinned
                 # expert, and so never an earlier, more confident prefetch of this call).
-                floor = (1.0, votes[e], float("inf"))
-                if not res.make_room(key, nbytes, floor=floor):
-                    continue
-                res.insert(key, nbytes, prefetched=True)
-                res.pinned.add(key)
-                inserted.append(key)
-                self.pending.setdefault(layer, set()).add(e)
-                res.stats.prefetches += 1
-                res.stats.bytes_moved += nbytes
-                self._fetch(key, True)
+                if self.start_prefetch(key, floor=(1.0, votes[e], float("inf"))):
+                    res.pinned.add(key)
+                    inserted.append(key)
+                    self.pending.setdefault(layer, set()).add(e)
         finally:
             res.pinned.difference_update(inserted)
         return None if budget is None else budget - len(inserted)

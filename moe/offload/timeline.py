@@ -387,7 +387,8 @@ def simulate_timeline(
             device = max(device, launch, ready) + hw.expert_device_s
         host = clock["host"]
         if policy == "oracle" and s + 1 < trace.num_steps:
-            host = _oracle_prefetch(trace, s + 1, res, link, host, hw)
+            _oracle_prefetch(trace, s + 1, engine)
+            host = clock["host"]  # copies without async_copies ran on the host
     host = max(host, device)
     stats = res.stats
     tokens = max(tokens, 1)
@@ -415,29 +416,13 @@ def _prefetch_budget(link: _Link, now: float, hw: Hardware, experts: float) -> i
     return link_budget(window, backlog, hw.copy_s, hw.copy_streams) if hw.async_copies else 0
 
 
-def _oracle_prefetch(trace: Trace, s: int, res: Residency, link: _Link, now: float, hw: Hardware) -> float:
-    """Prefetches step s's experts, evicting only residents Belady would drop first; returns the
-    host clock (copies without async_copies run on the host)."""
-    layer = int(trace.layer_S[s])
-    policy = res.policy
+def _oracle_prefetch(trace: Trace, s: int, engine: CacheEngine) -> None:
+    """Prefetches step s's experts, evicting only residents Belady would drop first."""
+    policy = engine.residency.policy
     assert isinstance(policy, Belady)
+    layer = int(trace.layer_S[s])
     for e in trace.needed(s):
-        key = (layer, e)
-        if key in res:
-            continue
-        floor = policy.rank(key)  # evict only residents needed later than this one
-        if not res.make_room(key, 1, floor=floor):
-            continue
-        res.insert(key, 1, prefetched=True)
-        res.stats.prefetches += 1
-        res.stats.bytes_moved += hw.expert_bytes
-        if hw.async_copies:
-            link.prefetch(key, now)
-        else:
-            now += hw.copy_s
-            link.ready[key] = now
-            link.bytes += hw.expert_bytes
-    return now
+        engine.start_prefetch((layer, e), floor=policy.rank((layer, e)))  # residents needed later only
 
 
 def compare(
