@@ -72,9 +72,9 @@ def _config(stage: int) -> dict[str, Any]:
     }
 
 
-def _reference(steps: int) -> tuple[list[float], Net]:
-    """The same model and data in one process, torch.optim.AdamW: losses and final weights."""
-    net = Net(0)
+def _reference(steps: int, net: nn.Module | None = None) -> tuple[list[float], nn.Module]:
+    """The same model (default Net(0)) and data in one process, torch.optim.AdamW: losses and final weights."""
+    net = Net(0) if net is None else net
     opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
     losses = []
     for step in range(steps):
@@ -299,16 +299,7 @@ class PyramidNet(nn.Module):
 def pyramid_trains_and_reshards(rank: int, moe_ds: Any, tmp: Path) -> None:
     """A pyramid (2 then 4 experts, residual) at ep_size 2 under ZeRO 2 matches one process; its
     engine checkpoint loads at ep_size 1; a pyramid whose count ep_size does not divide is refused."""
-    ref = PyramidNet()
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
-    ref_losses = []
-    for step in range(STEPS):
-        x, t = _data(step)
-        loss = (ref(x) - t).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ref_losses.append(loss.item())
+    ref_losses, _ = _reference(STEPS, PyramidNet())
     engine, _, _, _ = moe_ds.initialize(PyramidNet(), _config(2), ep_size=2, plan="ep")
     assert [engine.module.lower.num_local_experts, engine.module.upper.num_local_experts] == [1, 2]
     losses = [_train_step(engine, rank, s) for s in range(STEPS)]
