@@ -85,7 +85,6 @@ class ExpertStore:
         self.ram: OrderedDict[Key, torch.Tensor] = OrderedDict()  # changed under _lock
         self.ram_bytes = 0
         self.device_entries: dict[Key, DeviceEntry] = {}
-        self._in_flight: dict[Key, DeviceEntry] = {}  # CUDA copies not known to be finished
         self.disk_reads = 0
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload")
@@ -173,19 +172,15 @@ class ExpertStore:
         else:
             entry.future = self._worker.submit(lambda: copy_cuda(self._host(key)))
         self.device_entries[key] = entry
-        self._in_flight[key] = entry
         return entry
 
     def in_flight(self) -> int:
-        """Device copies started and not finished yet (a disk read still pending counts)."""
-        done = [
-            k
-            for k, e in self._in_flight.items()
-            if (e.future is None or e.future.done()) and (e.event is None or e.event.query())
-        ]
-        for k in done:
-            del self._in_flight[k]
-        return len(self._in_flight)
+        """Device copies started and not finished yet (a disk read still pending counts; a copy
+        that ready() has handed to the compute stream no longer does)."""
+        return sum(
+            (e.future is not None and not e.future.done()) or (e.event is not None and not e.event.query())
+            for e in self.device_entries.values()
+        )
 
     def ready(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
         """Waits for key's copy (the compute stream waits on CUDA) and returns (w_in, w_out) on the device."""
@@ -203,7 +198,6 @@ class ExpertStore:
     def drop(self, key: Key) -> None:
         """Frees key's device buffer: a copy still queued is cancelled, one under way is waited for."""
         entry = self.device_entries.pop(key, None)
-        self._in_flight.pop(key, None)
         if entry is not None and entry.future is not None and not entry.future.cancel():
             entry.future.exception()  # waits; a failed read must not fail the eviction that drops it
 
