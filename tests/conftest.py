@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str, name: str) -> ModuleType:
+    """Imports the script at ROOT/path (e.g. "benchmarks/cuda_ops.py") as module `name`, registered
+    in sys.modules (dataclasses look their module up while the file executes)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # (T, D, H, E, K): T = 0, E = 1, K = 1, non-power-of-two dims, and experts with no tokens
 # (T * K < E guarantees at least one empty expert).

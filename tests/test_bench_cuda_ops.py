@@ -5,23 +5,13 @@ Its first GPU run divided bytes by the whole timing dict; these checks run that 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cuda_ops", ROOT / "benchmarks" / "cuda_ops.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/cuda_ops.py", "bench_cuda_ops")
 
 
 def test_row_converts_bytes_and_microseconds_to_gb_per_s(bench) -> None:

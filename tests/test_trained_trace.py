@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from moe.offload import Trace, simulate
 
@@ -15,12 +14,7 @@ SHIPPED = ROOT / "benchmarks" / "data" / "trained_tinylm_trace.safetensors"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_trained_trace", ROOT / "benchmarks" / "trained_trace.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/trained_trace.py", "bench_trained_trace")
 
 
 def test_a_short_run_records_every_token_and_layer(tmp_path: Path) -> None:
