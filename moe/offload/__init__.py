@@ -10,7 +10,7 @@ Importing this package loads no model and probes no device; transformers is impo
 from moe.offload.cache import BudgetError, CacheStats, Residency
 from moe.offload.checkpoint import CheckpointError
 from moe.offload.cost import CostModel, measure
-from moe.offload.engine import CacheEngine
+from moe.offload.engine import MIN_CONFIDENCE, CacheEngine
 from moe.offload.loader import OffloadedModel, load
 from moe.offload.policies import LFU, LRU, POLICIES, Belady, Policy, Predictive, make_policy
 from moe.offload.runtime import OffloadConfig, OffloadedExperts, OffloadRuntime
@@ -29,6 +29,7 @@ __all__ = [
     "ExpertShape",
     "Residency",
     "CacheEngine",
+    "MIN_CONFIDENCE",
     "CacheStats",
     "BudgetError",
     "CheckpointError",

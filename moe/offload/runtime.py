@@ -21,7 +21,7 @@ from moe.config import positional_deprecated
 from moe.experts import ExpertsBase, expert_mlp
 from moe.offload.cache import Residency
 from moe.offload.cost import CostModel
-from moe.offload.engine import CacheEngine, link_budget
+from moe.offload.engine import MIN_CONFIDENCE, CacheEngine, link_budget
 from moe.offload.policies import Key, make_policy
 from moe.offload.predict import forecast
 from moe.offload.store import ExpertStore
@@ -58,6 +58,8 @@ class OffloadConfig:
         link_budget: on CUDA, the predictive policy starts only the prefetches that the measured
             host -> device link can finish within one layer's measured time, minus the copies
             already in flight (moe.offload.engine.link_budget); False: every confident guess.
+        min_confidence: the least router probability a forecast must give an expert for the
+            predictive policy to prefetch it (moe.offload.engine.MIN_CONFIDENCE).
     """
 
     expert_cache_bytes: int
@@ -68,6 +70,7 @@ class OffloadConfig:
     ram_cache_bytes: int | None = None
     record_trace: bool = False
     link_budget: bool = True
+    min_confidence: float = MIN_CONFIDENCE
 
     def __post_init__(self) -> None:
         if self.policy not in CACHE_POLICIES:
@@ -83,6 +86,8 @@ class OffloadConfig:
             raise TypeError(f"lookahead must be an int, got {self.lookahead!r}")
         if self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be a router probability in [0, 1], got {self.min_confidence}")
         if not self.expert_cache_bytes >= 0:
             raise ValueError(f"expert_cache_bytes must be >= 0, got {self.expert_cache_bytes}")
         if self.ram_cache_bytes is not None and not self.ram_cache_bytes >= 0:
@@ -136,6 +141,7 @@ class OffloadRuntime:
             store.expert_bytes,
             fetch=self._fetch,
             prefetch_budget=self._prefetch_budget if cuda_link else None,
+            min_confidence=config.min_confidence,
         )
         self.layer_seconds = 0.0  # moving average of the time between two layers' expert calls
         self._last_layer_start: float | None = None

@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 
 from moe.offload.cache import Residency
-from moe.offload.engine import CacheEngine, link_budget
+from moe.offload.engine import MIN_CONFIDENCE, CacheEngine, link_budget
 from moe.offload.policies import Belady, Key, Policy, make_policy
 from moe.offload.trace import Trace
 from moe.quant import quantized_expert_bytes
@@ -295,6 +295,8 @@ def simulate_timeline(
     scope: str = "layer",
     lookahead: int | None = None,
     link_budget: bool = True,
+    min_confidence: float = MIN_CONFIDENCE,
+    layer_capacities: list[int] | None = None,
 ) -> TimelineResult:
     """Replays `trace` under `policy` with `capacity` experts per layer on machine `hw`.
 
@@ -308,6 +310,9 @@ def simulate_timeline(
         lookahead: layers predicted ahead (predictive; default all the trace recorded).
         link_budget: start only the prefetches that fit in the link's idle time before the next
             layer's demand copies (False: every confident guess, queued behind demand copies).
+        min_confidence: the least forecast router probability worth a prefetch (CacheEngine).
+        layer_capacities: experts per layer instead of `capacity` for each (scope="layer"; their
+            sum is the budget), e.g. split by hit curves as benchmarks/offload.py measures.
     """
     if policy not in TIMELINE_POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {TIMELINE_POLICIES}")
@@ -324,13 +329,23 @@ def simulate_timeline(
     )
     if policy == "resident":
         capacity = trace.num_experts
-    res = Residency(capacity * trace.num_layers, pol, trace.num_layers, scope, on_evict=link.evicted)
+    shares = None
+    if layer_capacities is not None:
+        if len(layer_capacities) != trace.num_layers or min(layer_capacities) < 1 or scope != "layer":
+            raise ValueError(
+                f"layer_capacities must give each of the {trace.num_layers} layers >= 1 expert "
+                f"(with scope='layer'), got {layer_capacities!r} with scope={scope!r}"
+            )
+        capacity, shares = sum(layer_capacities) / trace.num_layers, [float(c) for c in layer_capacities]
+    budget = round(capacity * trace.num_layers)
+    res = Residency(budget, pol, trace.num_layers, scope, on_evict=link.evicted, layer_shares=shares)
     clock = {"host": 0.0, "experts": 0.0}
     engine = CacheEngine(
         res,
         lambda layer: 1,
         prefetch_budget=(lambda: _prefetch_budget(link, clock["host"], hw, clock["experts"])) if link_budget else None,
         admit_cpu_misses=(lambda: link.idle(clock["host"])) if policy.endswith("_cpu") and hw.async_copies else None,
+        min_confidence=min_confidence,
     )
     if policy == "resident":  # every expert already on the device
         for layer in range(trace.num_layers):
