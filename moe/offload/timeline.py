@@ -329,15 +329,15 @@ def simulate_timeline(
     )
     if policy == "resident":
         capacity = trace.num_experts
-    shares = None
+    budget, shares = capacity * trace.num_layers, None
     if layer_capacities is not None:
         if len(layer_capacities) != trace.num_layers or min(layer_capacities) < 1 or scope != "layer":
             raise ValueError(
                 f"layer_capacities must give each of the {trace.num_layers} layers >= 1 expert "
                 f"(with scope='layer'), got {layer_capacities!r} with scope={scope!r}"
             )
-        capacity, shares = sum(layer_capacities) / trace.num_layers, [float(c) for c in layer_capacities]
-    budget = round(capacity * trace.num_layers)
+        if policy != "resident":
+            budget, shares = sum(layer_capacities), [float(c) for c in layer_capacities]
     res = Residency(budget, pol, trace.num_layers, scope, on_evict=link.evicted, layer_shares=shares)
     clock = {"host": 0.0, "experts": 0.0}
     engine = CacheEngine(
