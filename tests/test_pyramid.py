@@ -135,11 +135,71 @@ def _ep_pyramid_rank(rank: int, world: int, path: str) -> None:
         moe.MoE(D, 3, 3, 1, process_group=group)
 
 
+def _planner_pyramid_rank(rank: int, world: int, path: str) -> None:
+    """Each layer of a pyramid (1, 2 and 4 experts per rank) runs its own adaptive planner; while
+    they explore and after they settle, every step equals one process on the global batch:
+    outputs, input and parameter gradients."""
+    from moe.parallel import PlannerConfig
+
+    group = dist.group.WORLD
+    single = Net().double()
+    if rank == 0:
+        save_checkpoint(single, path)
+    dist.barrier()
+    cfg = PlannerConfig(chunk_options=(1, 2), warmup=0, samples=1, check_every=1)
+    ep = Net(process_group=group, planner_config=cfg).double()
+    load_checkpoint(ep, path)
+    candidates = [list(m.parallel.planner.candidates) for m in ep.layers]
+    used: list[set] = [set() for _ in ep.layers]
+    g = torch.Generator().manual_seed(2)
+    tol = dict(rtol=1e-6, atol=1e-8)  # the router computes in fp32 by design
+    for step in range(max(len(c) for c in candidates) + 2):
+        x_all = torch.randn(4 * world, D, generator=g, dtype=torch.float64, requires_grad=True)
+        w_all = torch.randn(4 * world, D, generator=g, dtype=torch.float64)
+        single.zero_grad(set_to_none=True)
+        (single(x_all) * w_all).sum().backward()
+        mine = slice(4 * rank, 4 * rank + 4)
+        x = x_all.detach()[mine].clone().requires_grad_()
+        ep.zero_grad(set_to_none=True)
+        y = ep(x)
+        for i, m in enumerate(ep.layers):
+            used[i].add(m.parallel.last_plan)
+        (y * w_all[mine]).sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(y, single(x_all.detach())[mine], **tol, msg=f"step {step}: output")
+        torch.testing.assert_close(x.grad, x_all.grad[mine], **tol, msg=f"step {step}: input grad")
+        for i, (mp_, ms) in enumerate(zip(ep.layers, single.layers, strict=True)):
+            want_in, want_out = _shard_of(mp_, ms.experts.w_in.grad, ms.experts.w_out.grad)
+            torch.testing.assert_close(mp_.experts.w_in.grad, want_in, **tol, msg=f"step {step} layer {i}: w_in")
+            torch.testing.assert_close(mp_.experts.w_out.grad, want_out, **tol, msg=f"step {step} layer {i}: w_out")
+            for (name, p), q in zip(mp_.named_parameters(), ms.parameters(), strict=True):
+                if name.startswith("experts."):
+                    continue
+                grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                dist.all_reduce(grad)  # replicated (router, dense branch): summed over ranks
+                torch.testing.assert_close(grad, q.grad, **tol, msg=f"step {step} layer {i}: {name}")
+    for i, cands in enumerate(candidates):  # each layer's planner ran every plan it had
+        assert used[i] == set(cands), (i, used[i], cands)
+
+
+def _shard_of(layer: moe.MoE, w_in: torch.Tensor, w_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This rank's shard of a single process's full expert tensors, laid out as `layer` stores them."""
+    cfg = layer.config
+    probe = moe.parallel.ParallelExperts(cfg.num_experts, D, H, cfg.activation, "auto", dist.group.WORLD).double()
+    probe.load_global(w_in, w_out)
+    return probe.w_in.detach(), probe.w_out.detach()
+
+
+def _ep_pyramid(rank: int, world: int, path: str) -> None:
+    _ep_pyramid_rank(rank, world, path)
+    _planner_pyramid_rank(rank, world, path + ".planner")
+
+
 @pytest.mark.distributed
-def test_ep_pyramid_checkpoints_reshard(tmp_path: Path) -> None:
+def test_ep_pyramid_checkpoints_reshard_and_plan_per_layer(tmp_path: Path) -> None:
     from test_parallel import _spawn
 
-    _spawn(_ep_pyramid_rank, 2, str(tmp_path / "pyr.safetensors"))
+    _spawn(_ep_pyramid, 2, str(tmp_path / "pyr.safetensors"))
 
 
 def test_deepspeed_prepare_names_the_layer_of_a_bad_pyramid() -> None:
