@@ -210,3 +210,38 @@ def test_deepspeed_prepare_names_the_layer_of_a_bad_pyramid() -> None:
     _check_preparable("layers.0", net.layers[0], 2)
     with pytest.raises(ValueError, match=r"layers.1: num_experts \(6\) must be divisible by ep_size \(4\)"):
         _check_preparable("layers.1", net.layers[1], 4)
+
+
+# --- Hugging Face patching ------------------------------------------------------------------
+
+
+def test_hf_patch_and_unpatch_of_a_pyramid_mixtral() -> None:
+    """HF configs give one expert count per model; a pyramid built from it (layer 1's block swapped
+    for one with 8 experts, top-3) patches layer by layer from each block's own weights and
+    unpatches back, with equal logits."""
+    transformers = pytest.importorskip("transformers")
+    from moe.integrations.transformers import patch, unpatch
+
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("mixtral")
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    wide = cfg.__class__(**{**cfg.to_dict(), "num_local_experts": 8, "num_experts_per_tok": 3})
+    block = type(model.model.layers[1].mlp)(wide)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.2)
+    model.model.layers[1].mlp = block
+    ids = torch.randint(3, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert patch(model) == 2
+    layers = [layer.mlp.moe for layer in model.model.layers]
+    assert [(m.config.num_experts, m.config.top_k) for m in layers] == [(6, 2), (8, 3)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert unpatch(model) == 2
+    assert type(model.model.layers[1].mlp) is type(block)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
