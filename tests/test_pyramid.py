@@ -220,9 +220,9 @@ def test_hf_patch_and_unpatch_of_a_pyramid_mixtral() -> None:
     for one with 8 experts, top-3) patches layer by layer from each block's own weights and
     unpatches back, with equal logits."""
     transformers = pytest.importorskip("transformers")
-    from moe.integrations.transformers import patch, unpatch
-
     from hf_tiny import tiny_config
+
+    from moe.integrations.transformers import patch, unpatch
 
     torch.manual_seed(0)
     cfg = tiny_config("mixtral")
