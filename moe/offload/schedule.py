@@ -100,7 +100,6 @@ def pick_batch(
     config: SchedulerConfig,
     predicted: Sequence[Collection[Key]],
     waits: Sequence[int],
-    resident: Collection[Key] = (),
 ) -> list[int]:
     """Indices of the candidates that form the next step's batch, ascending.
 
@@ -109,11 +108,10 @@ def pick_batch(
         predicted: per candidate (admitted requests, in admission order), the (layer, expert) keys
             its next token is predicted to use.
         waits: per candidate, consecutive steps it has been left out.
-        resident: keys already on the device: regroup counts them as free.
 
     regroup: the candidates the wait bound forces in (longest-waiting first), then repeatedly the
-    candidate adding the fewest keys that are neither resident nor already in the batch (ties:
-    the longer wait, then the earlier request).
+    candidate adding the fewest keys not already in the batch (ties: the longer wait, then the
+    earlier request).
     """
     n = len(predicted)
     if len(waits) != n:
@@ -122,7 +120,7 @@ def pick_batch(
     if config.kind == "fifo":
         return list(range(size))
     chosen = _forced(waits, config.batch_size, config.max_wait)
-    covered = set(resident)
+    covered: set[Key] = set()
     for i in chosen:
         covered.update(predicted[i])
     rest = [i for i in range(n) if i not in set(chosen)]
@@ -166,13 +164,13 @@ class BatchQueue:
             new.append(r)
         return new
 
-    def next_batch(self, predicted: Mapping[int, Collection[Key]], resident: Collection[Key] = ()) -> list[int]:
+    def next_batch(self, predicted: Mapping[int, Collection[Key]]) -> list[int]:
         """The request ids of the next decode step, in admission order, among the active ones (call
         admit() first); `predicted` maps each active request to its predicted keys (regroup only)."""
         if not self.active:
             raise ValueError("no active request: call admit() first, or every request has finished")
         sets = [predicted[r] for r in self.active] if self.config.kind == "regroup" else [()] * len(self.active)
-        picked = pick_batch(self.config, sets, [self.waits[r] for r in self.active], resident)
+        picked = pick_batch(self.config, sets, [self.waits[r] for r in self.active])
         batch = [self.active[i] for i in picked]
         chosen = set(batch)
         for r in self.active:
