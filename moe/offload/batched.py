@@ -147,7 +147,9 @@ def _vocab(model: nn.Module) -> int | None:
 
 def _requests(prompts: Sequence[Any], vocab: int | None, context: int | None) -> list[tuple[list[int], Request]]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a list of token-id lists, 1-D tensors or Requests, got {type(prompts).__name__}")
+        raise TypeError(
+            f"prompts must be a list of token-id lists, 1-D tensors or Requests, got {type(prompts).__name__}"
+        )
     if len(prompts) == 0:
         raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
     out = []
@@ -156,7 +158,9 @@ def _requests(prompts: Sequence[Any], vocab: int | None, context: int | None) ->
         ids = req.prompt
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1 or ids.is_floating_point():
-                raise ValueError(f"prompt {i}: a tensor prompt must be 1-D integer token ids, got {tuple(ids.shape)} {ids.dtype}")
+                raise ValueError(
+                    f"prompt {i}: a tensor prompt must be 1-D integer token ids, got {tuple(ids.shape)} {ids.dtype}"
+                )
             ids = ids.tolist()
         if isinstance(ids, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise TypeError(f"prompt {i} must be token ids (ints); tokenize text first, got {ids!r:.60}")
@@ -266,7 +270,7 @@ def generate_batched(
             s.stop_reason = "stop"
         elif len(s.new) >= s.max_new:
             s.stop_reason = "length"
-        elif context is not None and len(s.seq) >= context:
+        elif context is not None and len(s.seq) > context:  # its newest token has no position left
             s.stop_reason = "context"
         else:
             return
@@ -314,7 +318,9 @@ def _layers_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers = getattr(cache, "layers", None)
     if layers is not None:
         if any(getattr(layer, "is_sliding", False) for layer in layers):
-            raise TypeError("batched generation: sliding-window KV caches are not supported (the padded merge assumes full ones)")
+            raise TypeError(
+                "batched generation: sliding-window KV caches are not supported (the padded merge assumes full ones)"
+            )
         return [(layer.keys, layer.values) for layer in layers]
     if isinstance(cache, (tuple, list)):
         return [(k, v) for k, v, *_ in cache]
