@@ -10,10 +10,15 @@ its tokens, and all requests are submitted at once (an offline batch job). The t
 per window, starting at position 1 (token 0 is the first request's prompt); the synthetic one is
 one long calibrated stream (benchmarks/offload.py's CALIBRATED) cut the same way.
 
-Prediction. The scheduler sees, per request, the experts its next token will use as predicted
-by the router of every layer on the newest hidden state the runtime has of that request: the
-previous token's at that layer, i.e. the previous token's routing (the same signal
-moe.offload.batched uses; no extra forward). What the step then loads is the true union.
+Prediction. The scheduler sees, per request, the experts its next token is predicted to use:
+moe.offload.TokenRoutes, the experts earlier tokens with the same input id chose at each layer,
+learned online during the run (the id of the token a step feeds is known before the step; the
+trained trace's bytes are in benchmarks/data/trained_tinylm_tokens.safetensors, the synthetic
+trace's ids come from moe.offload.synthetic.synthetic_tokens), falling back, for an id not seen
+yet, to the request's previous token's experts (the router of every layer on its newest hidden
+state). generate_batched uses the same predictor. Rows "regroup_previous" use only that fallback;
+"regroup_oracle" sees the true next experts (a ceiling, not a predictor). What a step then loads
+is always the true union.
 
 Batched step. Per step and layer the experts needed are the union of the batch's tokens'
 experts; each expert computes its tokens (Hardware.expert_row_s per row beyond the first), the
@@ -21,7 +26,8 @@ layer's own work Hardware.layer_row_s per token beyond the first (BATCH_ROWS bel
 estimates, small beside a copy). The batched steps become a Trace replayed by
 moe.offload.timeline.simulate_timeline with the presets; tokens/s = all tokens / all time.
 
-Columns of offload_batched.csv: trace, preset, policy, fraction, capacity, batch_size, scheduler,
+Columns of offload_batched.csv: trace, preset, policy, fraction, capacity, batch_size, scheduler
+(fifo, regroup, regroup_previous, regroup_oracle),
 max_wait, pool_size, steps, mean_batch, distinct_experts_per_layer, copies_per_token,
 sim_ms_per_token, tokens_per_s, vs_fifo (tokens/s ratio), max_wait_steps (longest a request was
 left out: the bound held when <= max_wait).
@@ -41,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import moe.offload as mo  # noqa: E402
 from moe.offload import timeline  # noqa: E402
-from moe.offload.schedule import BatchQueue, SchedulerConfig  # noqa: E402
+from moe.offload.schedule import BatchQueue, SchedulerConfig, TokenRoutes  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -49,6 +55,8 @@ if _HERE not in sys.path:
 import bench_harness as harness  # noqa: E402
 
 TRAINED = os.path.join(_HERE, "data", "trained_tinylm_trace.safetensors")
+# The input byte of each of its 1024 positions: examples/tiny_lm.py's held-out text, saved beside it.
+TRAINED_TOKENS = os.path.join(_HERE, "data", "trained_tinylm_tokens.safetensors")
 SYNTHETIC = mo.SyntheticConfig(num_layers=16, num_experts=64, top_k=8, tokens=1025, cross_layer=0.9, reuse=0.8)
 
 # Device seconds per extra token of a batched step: (per expert row, per layer). An expert's
@@ -74,11 +82,15 @@ class Request:
 
     prompt_steps: list[int]  # the last prompt token's layer steps (the first prediction)
     token_steps: list[list[int]]  # per decoded token, its layer steps in layer order
+    token_ids: list[int] | None = None  # the id of each decoded token's input (None: unknown)
 
 
-def requests_from_trace(trace: mo.Trace, window: int, tokens: int) -> list[Request]:
+def requests_from_trace(
+    trace: mo.Trace, window: int, tokens: int, token_ids: torch.Tensor | None = None
+) -> list[Request]:
     """Cuts a token-by-token trace into requests of `tokens` tokens, within windows of `window`
-    tokens (a window is one recorded sequence), starting at position 1 of each window."""
+    tokens (a window is one recorded sequence), starting at position 1 of each window;
+    token_ids [T]: the input token of each position (for the token-id predictor)."""
     layers = trace.num_layers
     if trace.num_steps % layers:
         raise ValueError(f"trace has {trace.num_steps} steps, not a whole number of {layers}-layer tokens")
@@ -88,7 +100,8 @@ def requests_from_trace(trace: mo.Trace, window: int, tokens: int) -> list[Reque
         for p in range(w0 + 1, w0 + window, tokens):
             end = min(p + tokens, w0 + window)
             steps = [[t * layers + layer for layer in range(layers)] for t in range(p - 1, end)]
-            out.append(Request(steps[0], steps[1:]))
+            ids = None if token_ids is None else [int(i) for i in token_ids[p:end]]
+            out.append(Request(steps[0], steps[1:], ids))
     return out
 
 
@@ -108,14 +121,24 @@ class Schedule:
     max_wait_steps: int
 
 
+PREDICTORS = ("previous", "tokens", "oracle")
+
+
 def schedule_requests(
-    trace: mo.Trace, requests: list[Request], config: SchedulerConfig, oracle: bool = False
+    trace: mo.Trace, requests: list[Request], config: SchedulerConfig, predictor: str = "tokens"
 ) -> Schedule:
     """Runs the scheduler over the requests and builds the batched trace (union per layer step).
-    oracle: the scheduler sees each request's true next experts (a ceiling, not a predictor)."""
+
+    predictor: what regroup sees of a request's next token: "previous" (its previous token's
+    experts), "tokens" (moe.offload.TokenRoutes on its input token id, learned online, falling
+    back to "previous"; what generate_batched does), "oracle" (the true experts: a ceiling).
+    """
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
     queue = BatchQueue(len(requests), config)
     done = [0] * len(requests)  # tokens decoded per request
-    last = [r.prompt_steps for r in requests]  # the newest token's steps: the prediction
+    last = [_keys(trace, r.prompt_steps) for r in requests]  # the newest token's experts
+    table = TokenRoutes()
     layers, experts = trace.num_layers, trace.num_experts
     builder = mo.TraceBuilder(layers, experts, trace.lookahead)
     tokens_S: list[int] = []
@@ -123,8 +146,16 @@ def schedule_requests(
     steps = tokens = 0
     while not queue.done:
         queue.admit()
-        seen = {r: requests[r].token_steps[done[r]] if oracle else last[r] for r in queue.active}
-        batch = queue.next_batch({r: _keys(trace, steps) for r, steps in seen.items()})
+        seen = {}
+        for r in queue.active:
+            req = requests[r]
+            if predictor == "oracle":
+                seen[r] = _keys(trace, req.token_steps[done[r]])
+            elif predictor == "tokens" and req.token_ids is not None:
+                seen[r] = table.predict(req.token_ids[done[r]], last[r])
+            else:
+                seen[r] = last[r]
+        batch = queue.next_batch(seen)
         token_steps = [requests[r].token_steps[done[r]] for r in batch]
         for layer in range(layers):
             at = [ts[layer] for ts in token_steps]
@@ -140,7 +171,9 @@ def schedule_requests(
             tokens_S.append(len(batch))
             rows.append(count_E)
         for r, ts in zip(batch, token_steps, strict=True):
-            last[r] = ts
+            last[r] = _keys(trace, ts)
+            if requests[r].token_ids is not None:
+                table.observe(requests[r].token_ids[done[r]], last[r])  # type: ignore[index]
             done[r] += 1
             if done[r] == len(requests[r].token_steps):
                 queue.finished(r)
@@ -171,11 +204,12 @@ def run(
     print(f"\n## {name}: {len(requests)} requests, {sum(len(r.token_steps) for r in requests)} tokens")
     print("scheduler: experts per layer step, ms/token, tokens/s x FIFO, longest wait")
     for b in batch_sizes:
-        runs = {("fifo", 0): (SchedulerConfig(kind="fifo", batch_size=b), False)}
+        runs = {("fifo", 0): (SchedulerConfig(kind="fifo", batch_size=b), "tokens")}
         for mw in max_waits:
-            runs[("regroup", mw)] = (SchedulerConfig(kind="regroup", batch_size=b, max_wait=mw), False)
-            runs[("regroup_oracle", mw)] = (SchedulerConfig(kind="regroup", batch_size=b, max_wait=mw), True)
-        scheds = {key: schedule_requests(trace, requests, cfg, oracle) for key, (cfg, oracle) in runs.items()}
+            runs[("regroup", mw)] = (SchedulerConfig(kind="regroup", batch_size=b, max_wait=mw), "tokens")
+            runs[("regroup_previous", mw)] = (SchedulerConfig(kind="regroup", batch_size=b, max_wait=mw), "previous")
+            runs[("regroup_oracle", mw)] = (SchedulerConfig(kind="regroup", batch_size=b, max_wait=mw), "oracle")
+        scheds = {key: schedule_requests(trace, requests, cfg, pred) for key, (cfg, pred) in runs.items()}
         for preset in presets:
             base = timeline.PRESETS[preset]
             hw = dataclasses.replace(base, expert_row_s=BATCH_ROWS[preset][0], layer_row_s=BATCH_ROWS[preset][1])
@@ -249,12 +283,20 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     rows: list[dict[str, object]] = []
     trained = mo.Trace.load(TRAINED)
-    reqs = requests_from_trace(trained, 128, args.request_tokens)
+    from safetensors.torch import load_file
+
+    reqs = requests_from_trace(trained, 128, args.request_tokens, load_file(TRAINED_TOKENS)["tokens_T"])
     common = (args.batch_sizes, args.sizes, args.max_wait, args.policies, args.presets, rows)
     run("trained tiny LM", trained, reqs, *common)
     synth_cfg = dataclasses.replace(SYNTHETIC, tokens=513) if args.quick else SYNTHETIC
     synth = mo.synthetic_trace(synth_cfg)
-    run("synthetic calibrated", synth, requests_from_trace(synth, synth_cfg.tokens, args.request_tokens), *common)
+    synth_ids = mo.synthetic.synthetic_tokens(synth_cfg)
+    run(
+        "synthetic calibrated",
+        synth,
+        requests_from_trace(synth, synth_cfg.tokens, args.request_tokens, synth_ids),
+        *common,
+    )
     check_targets(rows)
     path = os.path.join(args.out, "offload_batched.csv")
     harness.write_csv(path, rows)

@@ -10,7 +10,7 @@ import torch
 from conftest import load_script
 
 import moe.offload as mo
-from moe.offload.schedule import BatchQueue, SchedulerConfig, pick_batch
+from moe.offload.schedule import BatchQueue, SchedulerConfig, TokenRoutes, pick_batch
 
 PROMPTS = [[3, 17, 42, 5, 9], [1, 2], [7, 7, 7, 7, 7, 7, 7, 7, 7], [10, 20, 30], [5], [60, 61, 62, 63]]
 NEW = 8
@@ -54,6 +54,16 @@ def test_regroup_never_leaves_a_request_out_longer_than_max_wait(batch_size: int
                     queue.finished(r)
         assert queue.max_wait_seen <= max_wait
         assert ran == left  # every request ran to its end
+
+
+def test_token_routes_predicts_the_most_chosen_experts_of_an_id() -> None:
+    routes = TokenRoutes()
+    assert routes.predict(5, {(0, 1)}) == {(0, 1)}  # unseen id: the fallback
+    routes.observe(5, {(0, 1), (0, 2), (1, 3), (1, 4)})
+    routes.observe(5, {(0, 1), (0, 6), (1, 3), (1, 4)})
+    routes.observe(9, {(0, 7), (0, 0), (1, 0), (1, 1)})
+    assert routes.predict(5, {(0, 0)}) == {(0, 1), (0, 2), (1, 3), (1, 4)}  # top-2 a layer; ties: lower id
+    assert routes.predict(9) == {(0, 7), (0, 0), (1, 0), (1, 1)}
 
 
 def test_scheduler_config_rejects_bad_values() -> None:
@@ -261,7 +271,7 @@ def test_batched_benchmark_quick_csv(tmp_path) -> None:
     rows = list(csv.DictReader((tmp_path / "offload_batched.csv").open()))
     need = {"trace", "batch_size", "scheduler", "distinct_experts_per_layer", "sim_ms_per_token", "max_wait_steps"}
     assert need <= set(rows[0])
-    assert {r["scheduler"] for r in rows} == {"fifo", "regroup", "regroup_oracle"}
+    assert {r["scheduler"] for r in rows} == {"fifo", "regroup", "regroup_previous", "regroup_oracle"}
     assert any("trained" in r["trace"] for r in rows) and any("synthetic" in r["trace"] for r in rows)
     for r in rows:
         assert int(r["max_wait_steps"]) <= int(r["max_wait"]) or r["scheduler"] == "fifo"

@@ -15,7 +15,7 @@ from moe.offload.engine import CacheEngine
 from moe.offload.loader import OffloadedModel, load
 from moe.offload.policies import LFU, LRU, POLICIES, Belady, Policy, Predictive, make_policy
 from moe.offload.runtime import OffloadConfig, OffloadedExperts, OffloadRuntime
-from moe.offload.schedule import SCHEDULERS, BatchQueue, SchedulerConfig, pick_batch
+from moe.offload.schedule import SCHEDULERS, BatchQueue, SchedulerConfig, TokenRoutes, pick_batch
 from moe.offload.simulate import iid_hit_rate, shuffled, simulate
 from moe.offload.store import ExpertShape, ExpertStore
 from moe.offload.synthetic import SyntheticConfig, synthetic_trace
@@ -59,4 +59,5 @@ __all__ = [
     "SCHEDULERS",
     "BatchQueue",
     "pick_batch",
+    "TokenRoutes",
 ]

@@ -16,9 +16,10 @@ decode step runs one new token of each request the scheduler picks:
     real positions never attend to padding on their right), logits read at each request's last
     token. The padding does pass through the experts (dropless routing: it displaces nothing).
 
-Prediction for the regrouping scheduler: the router of every moe.MoE layer on the newest hidden
-state of each request, i.e. the experts its newest token chose at each layer (read from the
-routers' outputs by forward hooks; no extra forward): the forecast of its next token's experts.
+Prediction for the regrouping scheduler (moe.offload.schedule.TokenRoutes): the experts earlier
+tokens with the same id chose at every layer (learned during the run from the routers' outputs,
+read by forward hooks: no extra forward), or, for an id not seen yet, the experts the request's
+previous token chose (every layer's router on its newest hidden state).
 Shape legend: B requests in a step, S sequence, V vocabulary, K top-k.
 """
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from moe.offload.policies import Key
-from moe.offload.schedule import BatchQueue, SchedulerConfig
+from moe.offload.schedule import BatchQueue, SchedulerConfig, TokenRoutes
 
 __all__ = ["BatchedRun", "Request", "RequestResult", "generate_batched"]
 
@@ -261,6 +262,7 @@ def generate_batched(
     states: dict[int, _State] = {}
     results: list[RequestResult | None] = [None] * len(reqs)
     tap = _RouterTap(model)
+    routes = TokenRoutes()
     start = time.perf_counter()
     sizes: list[int] = []
 
@@ -291,18 +293,22 @@ def generate_batched(
                     out = model(ids, use_cache=True)
                     logits = out.logits
                     s.kv = _layers_kv(getattr(out, cache_kw))
-                s.predicted = tap.keys([len(s.seq) - 1])[0]
+                for token, keys in zip(s.seq, tap.keys(range(len(s.seq))), strict=True):
+                    routes.observe(token, keys)
+                    s.predicted = keys
                 s.seq.append(_pick(logits[0, -1], s, do_sample, temperature, top_k))
                 finish_if_done(r)
             if queue.done:
                 break
             if not queue.active:
                 continue
-            batch = queue.next_batch({r: states[r].predicted for r in queue.active})
+            predicted = {r: routes.predict(states[r].seq[-1], states[r].predicted) for r in queue.active}
+            batch = queue.next_batch(predicted)
             sizes.append(len(batch))
             group = [states[r] for r in batch]
             logits_BV, rows = _decode_step(model, group, cache_kw, device)
             for r, s, logits_V, keys in zip(batch, group, logits_BV, tap.keys(rows), strict=True):
+                routes.observe(s.seq[-1], keys)
                 s.predicted = keys
                 s.seq.append(_pick(logits_V, s, do_sample, temperature, top_k))
                 finish_if_done(r)

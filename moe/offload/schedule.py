@@ -33,7 +33,7 @@ from typing import Literal
 
 from moe.offload.policies import Key
 
-__all__ = ["SCHEDULERS", "BatchQueue", "SchedulerConfig", "pick_batch"]
+__all__ = ["SCHEDULERS", "BatchQueue", "SchedulerConfig", "TokenRoutes", "pick_batch"]
 
 SCHEDULERS = ("fifo", "regroup")
 Kind = Literal["fifo", "regroup"]
@@ -111,7 +111,8 @@ def pick_batch(
 
     regroup: the candidates the wait bound forces in (longest-waiting first), then repeatedly the
     candidate adding the fewest keys not already in the batch (ties: the longer wait, then the
-    earlier request).
+    earlier request). (Counting the previous step's experts as covered, likely cached, measured
+    worse on the trained trace's timeline: 1.08-1.25x FIFO instead of 1.13-1.32x.)
     """
     n = len(predicted)
     if len(waits) != n:
@@ -183,3 +184,41 @@ class BatchQueue:
         """Removes a request that stopped (its pool slot goes to the next waiting one)."""
         self.active.remove(request)
         del self.waits[request]
+
+
+class TokenRoutes:
+    """Predicts a token's experts from the routing seen so far for the same token id.
+
+    A decode step feeds each request's newest token, whose id is known before the step; tokens
+    of one id route alike (the embedding is the first hidden state). observe() counts, per token
+    id and layer, the experts the routers chose; predict() returns per layer the most chosen
+    ones (as many as the layer's top-k), or `fallback` for an id not seen yet. Learned online
+    from the run itself: nothing of the future.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, dict[Key, int]] = {}
+        self.top_k: dict[int, int] = {}  # per layer: the most experts one token chose there
+
+    def observe(self, token: int, keys: Collection[Key]) -> None:
+        """Records that a token with id `token` was routed to `keys` ((layer, expert) pairs)."""
+        table = self.counts.setdefault(token, {})
+        per_layer: dict[int, int] = {}
+        for key in keys:
+            table[key] = table.get(key, 0) + 1
+            per_layer[key[0]] = per_layer.get(key[0], 0) + 1
+        for layer, k in per_layer.items():
+            self.top_k[layer] = max(self.top_k.get(layer, 0), k)
+
+    def predict(self, token: int, fallback: Collection[Key] = ()) -> frozenset[Key]:
+        """The predicted keys of a token with id `token` (`fallback` for an unseen id)."""
+        table = self.counts.get(token)
+        if not table:
+            return frozenset(fallback)
+        by_layer: dict[int, list[tuple[int, int]]] = {}
+        for (layer, e), c in table.items():
+            by_layer.setdefault(layer, []).append((-c, e))
+        out: set[Key] = set()
+        for layer, scored in by_layer.items():
+            out.update((layer, e) for _, e in sorted(scored)[: self.top_k[layer]])
+        return frozenset(out)
