@@ -4,6 +4,10 @@ tokens equal single-prompt runs, the regrouping scheduler's wait bound, stops, s
 from __future__ import annotations
 
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +284,27 @@ def test_batched_benchmark_quick_csv(tmp_path) -> None:
     for r in rows:  # the oracle's regrouping never needs more experts per step than FIFO
         if r["scheduler"] == "regroup_oracle":
             assert float(r["distinct_experts_per_layer"]) <= fifo[(r["trace"], r["preset"])]
+
+
+# ---------------------------------------------------------------- example
+
+
+def test_example_generates_a_prompts_file_batched(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Mixture-of-experts models\nThe capital of France is\n\nA\n")
+    cmd = [sys.executable, "examples/offload_generate.py", "--device", "cpu", "--threads", "1", "--max-new-tokens", "4"]
+    cmd += ["--prompts-file", str(prompts), "--batch-size", "2", "--scheduler", "regroup", "--max-wait", "1"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    per_request = re.findall(
+        r"request (\d): (\d+) prompt \+ (\d) new tokens \((\w+)\) in [\d.]+s = ([\d.]+) tokens/s", out.stderr
+    )
+    assert [int(r[0]) for r in per_request] == [0, 1, 2]  # the blank line is skipped
+    assert [int(r[1]) for r in per_request] == [25, 24, 1] and all(float(r[4]) > 0 for r in per_request)
+    total = re.search(r"total: (\d+) tokens of 3 requests in [\d.]+s = ([\d.]+) tokens/s", out.stderr)
+    assert total is not None and int(total.group(1)) == sum(int(r[2]) for r in per_request)
+    assert "longest wait" in out.stderr and out.stdout.count("[") >= 3
+    bad = subprocess.run(cmd + ["--batch-size", "0"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "batch_size must be >= 1, got 0" in bad.stderr
