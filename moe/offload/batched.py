@@ -360,13 +360,23 @@ def _decode_step(
     mask = torch.zeros(b, past + 1, dtype=torch.long, device=device)
     for i, n in enumerate(lengths):
         mask[i, past + 1 - n :] = 1
-    out = model(
-        torch.tensor([[s.seq[-1]] for s in group], device=device),
-        attention_mask=mask,
-        position_ids=torch.tensor([[n - 1] for n in lengths], device=device),
-        use_cache=True,
-        **{cache_kw: DynamicCache(ddp_cache_data=merged)},
-    )
+    try:
+        out = model(
+            torch.tensor([[s.seq[-1]] for s in group], device=device),
+            attention_mask=mask,
+            position_ids=torch.tensor([[n - 1] for n in lengths], device=device),
+            use_cache=True,
+            **{cache_kw: DynamicCache(ddp_cache_data=merged)},
+        )
+    except RuntimeError as e:
+        if b == 1:
+            raise
+        # transformers' own padded batched generate() fails the same way for some attention
+        # variants (DeepSeek-V3's latent attention in transformers 5.x): name the way out.
+        raise RuntimeError(
+            f"a batched decode step of {type(model).__name__} ({b} requests, left-padded KV caches) failed inside "
+            f"its forward: {e}. Its attention does not take padded batches; use SchedulerConfig(batch_size=1)"
+        ) from e
     grown = _layers_kv(getattr(out, cache_kw))
     for i, (s, n) in enumerate(zip(group, lengths, strict=True)):
         s.kv = [(k[i : i + 1, :, -n:].clone(), v[i : i + 1, :, -n:].clone()) for k, v in grown]
