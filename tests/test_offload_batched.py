@@ -179,6 +179,12 @@ def test_bad_input_gets_clear_errors(mixtral) -> None:
         gen(om.model, [[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         gen(om.model, [[1]], do_sample=True, temperature=0.0)
+    with pytest.raises(
+        TypeError, match=r"stop_token_ids must be a collection of token ids \(ints\), e.g. \[2\], got 2"
+    ):
+        gen(om.model, [[1]], stop_token_ids=2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prompt 1's stop_token_ids must be"):
+        gen(om.model, [[1], mo.Request([2], stop_token_ids=["x"])])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         gen(om.model, [[1]], scheduler=SchedulerConfig(batch_size=0))
 

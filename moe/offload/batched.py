@@ -180,6 +180,12 @@ def _requests(prompts: Sequence[Any], vocab: int | None, context: int | None) ->
     return out
 
 
+def _stops(value: Any, where: str) -> frozenset[int]:
+    if isinstance(value, int) or not isinstance(value, Collection) or not all(isinstance(t, int) for t in value):
+        raise TypeError(f"{where} must be a collection of token ids (ints), e.g. [2], got {value!r}")
+    return frozenset(value)
+
+
 class _State:
     """One admitted request: its sequence, stop conditions, KV cache (per layer (k, v)) and prediction."""
 
@@ -254,6 +260,11 @@ def generate_batched(
     if stop_token_ids is None:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    default_stops = _stops(stop_token_ids, "stop_token_ids")
+    per_request = [
+        default_stops if req.stop_token_ids is None else _stops(req.stop_token_ids, f"prompt {i}'s stop_token_ids")
+        for i, (_, req) in enumerate(reqs)
+    ]
     cache_kw = _cache_kwarg(model)
     if cache_kw is None and context is None:
         raise ValueError("a model without a KV cache needs config.max_seq_len (its context) for batched generation")
@@ -284,8 +295,7 @@ def generate_batched(
         while not queue.done:
             for r in queue.admit():
                 tokens, req = reqs[r]
-                stops = req.stop_token_ids if req.stop_token_ids is not None else stop_token_ids
-                states[r] = s = _State(tokens, req.max_new_tokens or max_new_tokens, frozenset(stops), seed + r)
+                states[r] = s = _State(tokens, req.max_new_tokens or max_new_tokens, per_request[r], seed + r)
                 ids = torch.tensor([s.seq], device=device)
                 if cache_kw is None:
                     logits = model(ids)
