@@ -273,12 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policies", nargs="*", default=["lru", "predictive"])
     p.add_argument("--presets", nargs="*", default=list(timeline.PRESETS), choices=list(timeline.PRESETS))
     p.add_argument(
-        "--quick", action="store_true", help="batch 16, 25%% cache, LRU, h100-mixtral, a short synthetic trace"
+        "--quick",
+        action="store_true",
+        help="batch 16, 25%% cache, LRU, h100-mixtral, max wait 8, a short synthetic trace",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         args.batch_sizes, args.sizes, args.policies, args.presets = [16], [0.25], ["lru"], ["h100-mixtral"]
+        args.max_wait = [8]
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     rows: list[dict[str, object]] = []
