@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from moe import ops
-from moe.experts import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, ExpertsBase, expert_mlp
+from moe.experts import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, ExpertsBase, activate, expert_mlp
 
 __all__ = [
     "SCHEMES",
@@ -51,6 +51,9 @@ __all__ = [
     "quantized_grouped_mm",
     "quantized_expert_mlp",
     "quantized_expert_bytes",
+    "quantized_matmul",
+    "quantized_mlp_one",
+    "matmul_path",
 ]
 
 SCHEMES = ("int8", "int4")
@@ -254,6 +257,35 @@ def quantized_expert_mlp(
     return expert_mlp(x_ND, w_in, w_out, counts_E, activation, backend, b_in, b_out, alpha, limit)
 
 
+FALLBACK_PATH = "dequantize-then-matmul"
+
+
+def matmul_path(device: torch.device | str) -> str:
+    """How quantized_matmul multiplies on `device`: "dequantize-then-matmul" (the fallback: the
+    weight is dequantized whole, then a float matmul) on every device until a fused path exists."""
+    return FALLBACK_PATH
+
+
+def quantized_matmul(x_NK: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """x_NK [N, K] @ one expert's quantized weight qw [1, K, N_out] -> [N, N_out] in x's dtype.
+
+    Path: matmul_path(x.device). Reference: x_NK @ dequantize(qw, x.dtype)[0].
+    """
+    if qw.shape[0] != 1:
+        raise ValueError(f"quantized_matmul takes one expert's weight [1, K, N], got {qw.shape}")
+    if x_NK.dim() != 2 or x_NK.shape[1] != qw.shape[1]:
+        raise ValueError(f"quantized_matmul: x must be [N, K={qw.shape[1]}], got {tuple(x_NK.shape)}")
+    return x_NK @ dequantize(qw, x_NK.dtype)[0]
+
+
+def quantized_mlp_one(
+    x_ND: torch.Tensor, qw_in: QuantizedWeight, qw_out: QuantizedWeight, activation: str = "swiglu"
+) -> torch.Tensor:
+    """One expert's MLP act(x w_in) w_out on quantized w_in [1, D, F] and w_out [1, H, D], each
+    multiplied by quantized_matmul; equals expert_mlp on the dequantized weights. [N, D] -> [N, D]."""
+    return quantized_matmul(activate(quantized_matmul(x_ND, qw_in), activation), qw_out)
+
+
 class QuantizedExperts(ExpertsBase):
     """Routed experts holding quantized w_in / w_out (buffers, not parameters: inference only),
     computed by dequantizing both whole tensors and running the float expert MLP.
@@ -299,6 +331,17 @@ class QuantizedExperts(ExpertsBase):
             getattr(experts, "alpha", SWIGLU_OAI_ALPHA),
             getattr(experts, "limit", SWIGLU_OAI_LIMIT),
         )
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        """A zero-stride stand-in [E, D, F] with the original weight's dtype and the data's device
+        (moe.MoE checks its input against experts.w_in); the weights are qw_in."""
+        return torch.zeros((), dtype=self.qw_in.dtype, device=self.qw_in.data.device).expand(self.qw_in.shape)
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        """A zero-stride stand-in [E, H, D], as w_in; the weights are qw_out."""
+        return torch.zeros((), dtype=self.qw_out.dtype, device=self.qw_out.data.device).expand(self.qw_out.shape)
 
     @property
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ Shape legend: N routed rows sorted by expert, D dim, H expert hidden, F = 2H, E 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,7 @@ from moe.offload.policies import Key, make_policy
 from moe.offload.predict import forecast
 from moe.offload.store import ExpertStore
 from moe.offload.trace import Trace, TraceBuilder
+from moe.quant import QuantizedWeight, matmul_path, quantized_mlp_one
 
 __all__ = ["OffloadConfig", "OffloadRuntime", "OffloadedExperts"]
 
@@ -35,6 +37,7 @@ MISS_MODES = ("auto", "copy", "cpu")
 Policy = Literal["lru", "lfu", "predictive"]
 Scope = Literal["layer", "global"]
 Miss = Literal["auto", "copy", "cpu"]
+ExpertQuant = Literal["int8", "int4"]
 CACHE_POLICIES = ("lru", "lfu", "predictive")  # belady is offline: moe.offload.simulate only
 SCOPES = ("layer", "global")
 
@@ -58,6 +61,16 @@ class OffloadConfig:
         link_budget: on CUDA, the predictive policy starts only the prefetches that the measured
             host -> device link can finish within one layer's measured time, minus the copies
             already in flight (moe.offload.engine.link_budget); False: every confident guess.
+        expert_quant: None (experts at the compute dtype), "int8" (per output channel) or "int4"
+            (group-wise with zero points): load() quantizes every expert (moe.quant) and every tier
+            holds, counts and moves only the quantized bytes; each expert is dequantized on the
+            device at use (moe.offload.quantized).
+        expert_quant_group_size: int4's group size G along the inner dimension (32, 64 or 128;
+            it must divide the model dim and the expert hidden size).
+        expert_quant_dir: a directory for an on-disk cache of the quantized experts (one
+            safetensors file per MoE layer): written once by load() where missing, so the
+            experts are quantized once; read (and checked) where present. None: no disk cache,
+            each expert is quantized as it is read from the checkpoint.
     """
 
     expert_cache_bytes: int
@@ -68,8 +81,16 @@ class OffloadConfig:
     ram_cache_bytes: int | None = None
     record_trace: bool = False
     link_budget: bool = True
+    expert_quant: ExpertQuant | None = None
+    expert_quant_group_size: int = 64
+    expert_quant_dir: str | None = None
 
     def __post_init__(self) -> None:
+        from moe.offload.quantized import check_expert_quant
+
+        check_expert_quant(self.expert_quant, self.expert_quant_group_size)
+        if self.expert_quant_dir is not None and self.expert_quant is None:
+            raise ValueError("expert_quant_dir is a cache of quantized experts: set expert_quant too")
         if self.policy not in CACHE_POLICIES:
             raise ValueError(
                 f"unknown policy {self.policy!r}; policy must be one of {CACHE_POLICIES} "
@@ -146,6 +167,8 @@ class OffloadRuntime:
         # "measured" preset (moe.offload.timeline.measured_hardware) is calibrated from them.
         self.host_seconds = {"fetch": 0.0, "forecast": 0.0}
         self.host_calls = {"fetch": 0, "forecast": 0}
+        # How quantized experts were multiplied, by device type (moe.quant.matmul_path); filled on use.
+        self.quant_paths: dict[str, str] = {}
 
     @property
     def stats(self):  # noqa: ANN201 - CacheStats
@@ -237,8 +260,26 @@ class OffloadRuntime:
                 y_ND[rows] = self._mlp(x_ND[rows].cpu(), w_in, w_out).to(x_ND.device)
         return y_ND
 
-    def _mlp(self, x_ND: torch.Tensor, w_in_DF: torch.Tensor, w_out_HD: torch.Tensor) -> torch.Tensor:
+    def _mlp(
+        self, x_ND: torch.Tensor, w_in_DF: torch.Tensor | QuantizedWeight, w_out_HD: torch.Tensor | QuantizedWeight
+    ) -> torch.Tensor:
+        if isinstance(w_in_DF, QuantizedWeight) and isinstance(w_out_HD, QuantizedWeight):
+            self._note_quant_path(x_ND.device)
+            return quantized_mlp_one(x_ND, w_in_DF, w_out_HD, self.activation)
+        assert isinstance(w_in_DF, torch.Tensor) and isinstance(w_out_HD, torch.Tensor)
         return expert_mlp(x_ND, w_in_DF, w_out_HD, None, self.activation)
+
+    def _note_quant_path(self, device: torch.device) -> None:
+        """Records (and, for the fallback, warns once per device type) how quantized experts run."""
+        if device.type in self.quant_paths:
+            return
+        path = self.quant_paths[device.type] = matmul_path(device)
+        if path == "dequantize-then-matmul":
+            warnings.warn(
+                f"quantized experts on {device.type}: no fused dequantize-GEMM here, each expert is "
+                "dequantized whole and multiplied in the compute dtype (weights still move and stay quantized)",
+                stacklevel=2,
+            )
 
     def recorded_trace(self) -> Trace:
         """The routing of every step so far, as a Trace (replay it with moe.offload.simulate).
