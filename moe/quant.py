@@ -1,8 +1,9 @@
 """Weight-only quantized expert weights: int8 per output channel and int4 group-wise, with a
 pure-PyTorch reference (quantize, dequantize, grouped GEMM and expert MLP on dequantized weights).
 
-This is the reference and the test oracle of issue 19; there are no fused dequantize-GEMM
-kernels yet and the offload path (moe.offload) does not use it yet.
+This is the reference and the test oracle of issue 19. moe.offload uses it for quantized experts
+(OffloadConfig.expert_quant); quantized_matmul multiplies one expert's weight with the C++
+fused dequantize-GEMM on CPU (csrc/quant_matmul_cpu.cpp) and by dequantize-then-matmul elsewhere.
 
 Weights use the experts' `x @ w` layout, one [K, N] matrix per expert, K the inner (input)
 dimension and N the output width: w_in [E, D, F] (K = D, N = F) and w_out [E, H, D] (K = H, N = D)
@@ -54,6 +55,7 @@ __all__ = [
     "quantized_matmul",
     "quantized_mlp_one",
     "matmul_path",
+    "MATMUL_PATHS",
 ]
 
 SCHEMES = ("int8", "int4")
@@ -257,24 +259,45 @@ def quantized_expert_mlp(
     return expert_mlp(x_ND, w_in, w_out, counts_E, activation, backend, b_in, b_out, alpha, limit)
 
 
+FUSED_CPU_PATH = "fused-cpu"
 FALLBACK_PATH = "dequantize-then-matmul"
+MATMUL_PATHS = ("auto", FUSED_CPU_PATH, FALLBACK_PATH)
 
 
 def matmul_path(device: torch.device | str) -> str:
-    """How quantized_matmul multiplies on `device`: "dequantize-then-matmul" (the fallback: the
-    weight is dequantized whole, then a float matmul) on every device until a fused path exists."""
-    return FALLBACK_PATH
+    """How quantized_matmul multiplies on `device` by default: "fused-cpu" (the C++ op
+    moe::quant_matmul, dequantization inside the GEMM) on a CPU where the extension is built,
+    else "dequantize-then-matmul" (the weight dequantized whole, then a float matmul; also the
+    reference). No fused CUDA path yet (a Triton dequantize-GEMM is not done)."""
+    from moe.ops import cpp
+
+    device = torch.device(device)
+    return FUSED_CPU_PATH if device.type == "cpu" and cpp.has_quant_matmul(device) else FALLBACK_PATH
 
 
-def quantized_matmul(x_NK: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+def quantized_matmul(x_NK: torch.Tensor, qw: QuantizedWeight, path: str = "auto") -> torch.Tensor:
     """x_NK [N, K] @ one expert's quantized weight qw [1, K, N_out] -> [N, N_out] in x's dtype.
 
-    Path: matmul_path(x.device). Reference: x_NK @ dequantize(qw, x.dtype)[0].
+    Args:
+        path: "auto" (matmul_path(x.device)), "fused-cpu" or "dequantize-then-matmul" (the
+            reference: x_NK @ dequantize(qw, x.dtype)[0]).
+
+    Differentiable w.r.t. x_NK on both paths.
     """
+    if path not in MATMUL_PATHS:
+        raise ValueError(f"path must be one of {MATMUL_PATHS}, got {path!r}")
     if qw.shape[0] != 1:
         raise ValueError(f"quantized_matmul takes one expert's weight [1, K, N], got {qw.shape}")
     if x_NK.dim() != 2 or x_NK.shape[1] != qw.shape[1]:
         raise ValueError(f"quantized_matmul: x must be [N, K={qw.shape[1]}], got {tuple(x_NK.shape)}")
+    chosen = matmul_path(x_NK.device) if path == "auto" else path
+    if chosen == FUSED_CPU_PATH:
+        if matmul_path(x_NK.device) != FUSED_CPU_PATH:
+            raise ValueError(f"path='fused-cpu' needs x on the CPU and the C++ extension built, got {x_NK.device}")
+        from moe.ops import cpp
+
+        zero = None if qw.zero is None else qw.zero[0]
+        return cpp.quant_matmul(x_NK, qw.data[0], qw.scale[0], zero, qw.group_size)
     return x_NK @ dequantize(qw, x_NK.dtype)[0]
 
 

@@ -16,7 +16,7 @@ import moe  # noqa: E402
 import moe.offload as mo  # noqa: E402
 from moe.integrations.transformers import patch  # noqa: E402
 from moe.offload.quantized import QuantizedExpertShape  # noqa: E402
-from moe.quant import QuantizedExperts, quantize  # noqa: E402
+from moe.quant import QuantizedExperts, matmul_path, quantize  # noqa: E402
 
 D, I_MOE, E, LAYERS, G = 64, 32, 4, 2, 32
 PROMPT = torch.tensor([[3, 17, 42, 5, 9]])
@@ -82,32 +82,39 @@ def _config(budget_experts: int, scheme: str | None, **kw: object) -> mo.Offload
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_tokens_match_in_memory_quantized_model_and_only_quantized_bytes_move(model_dir: str, scheme: str) -> None:
+@pytest.mark.parametrize("path", ["auto", "dequantize-then-matmul"])
+def test_tokens_match_in_memory_quantized_model_and_only_quantized_bytes_move(
+    model_dir: str, scheme: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     expected, logits = _reference(model_dir, scheme)
     _, float_logits = _reference(model_dir, None)
-    with pytest.warns(UserWarning, match="dequantize"):  # no fused path on CPU yet: said, not silent
+    if path != "auto":  # as on a device without a fused path: it must say so
+        monkeypatch.setattr("moe.quant.matmul_path", lambda device: path)
+    want_path = path if path != "auto" else matmul_path("cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         om = mo.load(model_dir, "cpu", config=_config(1, scheme, miss="copy", ram_cache_bytes=0))
         try:
             got = om.model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
             with torch.no_grad():
                 got_logits = om.model(PROMPT).logits
-            # the quantized model's numbers, not the float model's
-            torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
-            assert (got_logits - float_logits).abs().max() > 1e-4
             rt = om.runtime
+            assert rt.quant_paths == {"cpu": want_path}
             per_expert = _qbytes(scheme)
             assert rt.store.expert_bytes(0) == per_expert  # budgets and copies count these bytes
             assert rt.residency.pool_budget == per_expert  # one quantized expert per layer
             st = rt.stats
             assert st.copies > 0 and st.bytes_moved == (st.copies + st.prefetches) * per_expert
-            assert rt.quant_paths == {"cpu": "dequantize-then-matmul"}
-            # every buffer of every tier is the quantized uint8 buffer
-            assert all(
-                e.flat.dtype == torch.uint8 and e.flat.numel() == per_expert for e in rt.store.device_entries.values()
-            )
+            entries = rt.store.device_entries.values()
+            assert all(e.flat.dtype == torch.uint8 and e.flat.numel() == per_expert for e in entries)
         finally:
             om.close()
+    fallback_warned = [w for w in caught if "dequantized whole" in str(w.message)]
+    assert len(fallback_warned) == (1 if want_path == "dequantize-then-matmul" else 0)
     assert torch.equal(got, expected)
+    # the quantized model's numbers, not the float model's
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+    assert (got_logits - float_logits).abs().max() > 1e-4
 
 
 def test_budget_counts_quantized_bytes(model_dir: str) -> None:

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from moe import quant
 from moe.config import positional_deprecated
 from moe.experts import ExpertsBase, expert_mlp
 from moe.offload.cache import Residency
@@ -27,7 +28,7 @@ from moe.offload.policies import Key, make_policy
 from moe.offload.predict import forecast
 from moe.offload.store import ExpertStore
 from moe.offload.trace import Trace, TraceBuilder
-from moe.quant import QuantizedWeight, matmul_path, quantized_mlp_one
+from moe.quant import QuantizedWeight, quantized_mlp_one
 
 __all__ = ["OffloadConfig", "OffloadRuntime", "OffloadedExperts"]
 
@@ -273,7 +274,7 @@ class OffloadRuntime:
         """Records (and, for the fallback, warns once per device type) how quantized experts run."""
         if device.type in self.quant_paths:
             return
-        path = self.quant_paths[device.type] = matmul_path(device)
+        path = self.quant_paths[device.type] = quant.matmul_path(device)
         if path == "dequantize-then-matmul":
             warnings.warn(
                 f"quantized experts on {device.type}: no fused dequantize-GEMM here, each expert is "
