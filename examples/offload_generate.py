@@ -207,9 +207,8 @@ def print_timeline(
 def _expert_sizes(model_dir: str, quant: str | None = None, group_size: int = 64) -> tuple[int, int, int]:
     """(total routed experts, bytes of one expert in the checkpoint dtype or quantized with `quant`,
     MoE layers), from headers only."""
-    from moe.quant import quantized_expert_bytes
-
     from moe.offload.checkpoint import ShardReader, index_experts, shard_files
+    from moe.quant import quantized_expert_bytes
 
     idx = index_experts(shard_files(model_dir))
     if not idx.experts:
