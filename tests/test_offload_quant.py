@@ -207,3 +207,20 @@ def test_layout_round_trips_quantize() -> None:
             assert q.zero is None or ref.zero is None or torch.equal(q.zero, ref.zero)
             assert torch.equal(q.dequantize(), ref.dequantize())
         assert shape.numel == _qbytes(scheme)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cuda_tokens_match_in_memory_quantized_model(model_dir: str, scheme: str) -> None:
+    """On CUDA the uint8 buffers are copied from pinned RAM and dequantized on the device (no fused path: it says so)."""
+    expected = _reference_tokens(model_dir, scheme)
+    with pytest.warns(UserWarning, match="dequantized whole"):
+        om = mo.load(model_dir, "cuda", config=_config(1, scheme, miss="copy"))
+        try:
+            got = om.model.generate(PROMPT.cuda(), max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert om.runtime.quant_paths == {"cuda": "dequantize-then-matmul"}
+            st = om.runtime.stats
+            assert st.bytes_moved == (st.copies + st.prefetches) * _qbytes(scheme)
+        finally:
+            om.close()
+    assert torch.equal(got.cpu(), expected)
