@@ -13,6 +13,9 @@ files never seen in training), with fixed seeds:
               64, byte vocabulary) trained with its own loss, saved with save_pretrained and run
               through moe.offload.load(..., expert_quant=...) end to end: quantized while loading,
               quantized bytes in every tier, dequantized (fused on CPU) at use.
+    mixed     the same HF model, full precision, with HOBBIT-style mixed-precision misses
+              (OffloadConfig(miss_quant="int4"): a miss runs from an int4 copy while the full copy is
+              fetched) at a cache of --mixed-cache of the experts per layer, LRU.
 Per scheme: held-out loss (nats/byte, the same fixed batches for every scheme) and its change
 against fp32; greedy decoding of --new-tokens bytes after each of --prompts held-out prompts of
 32 bytes: prompts whose continuation is identical, and the fraction of positions that agree.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -31,7 +35,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
@@ -106,7 +109,7 @@ def tiny_lm_part(args: argparse.Namespace, data: Any, rows: list[dict[str, Any]]
     base, ref = run(model)
     assert abs(base - result.heldout_loss) < 1e-4
     for scheme in SCHEMES:
-        for group in (args.groups if scheme == "int4" else [64]):
+        for group in args.groups if scheme == "int4" else [64]:
             q = copy.deepcopy(model)
             if scheme is not None:
                 for layer in q.moe_layers():
@@ -143,40 +146,55 @@ def build_hf(steps: int, data: Any, path: str) -> None:
     model.eval().save_pretrained(path)
 
 
-def hf_part(args: argparse.Namespace, data: Any, rows: list[dict[str, Any]]) -> None:
+def hf_eval(path: str, cfg: Any, batches: list[torch.Tensor], tests: list[torch.Tensor], new: int) -> tuple:
+    """(held-out loss, greedy continuations, the OffloadRuntime) of the model at `path` offloaded with `cfg`."""
     import warnings
 
     import moe.offload as mo
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the matmul path is printed instead
+        om = mo.load(path, "cpu", config=cfg)
+    with torch.no_grad():
+        loss = sum(float(om.model(input_ids=b, labels=b).loss) for b in batches) / len(batches)
+        tokens = [
+            om.model.generate(p, max_new_tokens=new, do_sample=False, min_new_tokens=new)[0, PROMPT_LEN:].tolist()
+            for p in tests
+        ]
+    om.close()
+    return loss, tokens, om.runtime
+
+
+def hf_part(args: argparse.Namespace, data: Any, rows: list[dict[str, Any]]) -> None:
+    import moe.offload as mo
+
     tmp = tempfile.TemporaryDirectory()
-    path = os.path.join(tmp.name, "tiny-mixtral")
-    build_hf(args.hf_steps, data, path)
+    path = args.hf_dir or os.path.join(tmp.name, "tiny-mixtral")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        build_hf(args.hf_steps, data, path)
     tests = prompts(data.heldout, args.prompts)
     gen = torch.Generator().manual_seed(1234)
     batches = [sample_batch(data.heldout, 16, SEQ, gen) for _ in range(32)]
-    base: float | None = None
-    ref: list[list[int]] = []
-    for scheme in SCHEMES:
-        for group in (args.groups if scheme == "int4" else [64]):
-            cfg = mo.OffloadConfig(expert_cache_bytes=1 << 30, expert_quant=scheme, expert_quant_group_size=group)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the path is printed below
-                om = mo.load(path, "cpu", config=cfg)
-            with torch.no_grad():
-                loss = sum(float(om.model(input_ids=b, labels=b).loss) for b in batches) / len(batches)
-                tokens = [
-                    om.model.generate(p, max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=args.new_tokens)[
-                        0, PROMPT_LEN:
-                    ].tolist()
-                    for p in tests
-                ]
-            if scheme is None:
-                base, ref = loss, tokens
-            else:
-                print(f"         ({scheme}: experts {om.runtime.store.expert_bytes(0)} bytes, {om.runtime.quant_paths})")
-            om.close()
-            assert base is not None
-            report(rows, "HF", scheme, loss, base, tokens, ref, group)
+    full = mo.OffloadConfig(expert_cache_bytes=1 << 30)
+    base, ref, _ = hf_eval(path, full, batches, tests, args.new_tokens)
+    report(rows, "HF", None, base, base, ref, ref, 64)
+    if "hf" in args.parts:
+        for scheme in SCHEMES[1:]:
+            for group in args.groups if scheme == "int4" else [64]:
+                cfg = dataclasses.replace(full, expert_quant=scheme, expert_quant_group_size=group)
+                loss, tokens, rt = hf_eval(path, cfg, batches, tests, args.new_tokens)
+                print(f"         ({scheme}: experts {rt.store.expert_bytes(0)} bytes, {rt.quant_paths})")
+                report(rows, "HF", scheme, loss, base, tokens, ref, group)
+    if "mixed" in args.parts:
+        per_layer = max(1, round(args.mixed_cache * 8))
+        expert_bytes = 3 * 64 * 64 * 4  # fp32 expert of the tiny Mixtral
+        cfg = mo.OffloadConfig(expert_cache_bytes=per_layer * 4 * expert_bytes, miss_quant="int4")
+        loss, tokens, rt = hf_eval(path, cfg, batches, tests, args.new_tokens)
+        st = rt.stats
+        low = st.cpu_misses / max(st.requests, 1)
+        print(f"         (mixed: {per_layer} of 8 experts cached per layer; {low:.1%} of expert uses ran in int4)")
+        report(rows, f"HF mixed {per_layer}/8", "int4", loss, base, tokens, ref, 64)
+        rows[-1]["low_precision_uses"] = round(low, 4)
     tmp.cleanup()
 
 
@@ -188,17 +206,22 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--groups", nargs="*", type=int, default=[32, 64], help="int4 group sizes (dividing 64)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parts", nargs="*", default=["tiny", "hf", "mixed"], choices=["tiny", "hf", "mixed"])
+    p.add_argument("--mixed-cache", type=float, default=0.25, help="mixed: fraction of each layer's experts cached")
+    p.add_argument("--hf-dir", help="where the trained HF model is saved (reused when present; default: a temp dir)")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_stdlib_bytes()
     rows: list[dict[str, Any]] = []
     print(f"{'model':>8} {'quant':>5} {'group':>5} {'held-out':>10} {'change':>9} {'same':>9} {'agree':>9}")
-    tiny_lm_part(args, data, rows)
-    hf_part(args, data, rows)
+    if "tiny" in args.parts:
+        tiny_lm_part(args, data, rows)
+    if "hf" in args.parts or "mixed" in args.parts:
+        hf_part(args, data, rows)
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "quant_quality.csv")
-    harness.write_csv(out, rows)
+    harness.write_csv(out, rows, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     print(f"\nwrote {out}")
 
 

@@ -212,7 +212,8 @@ def test_layout_round_trips_quantize() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_cuda_tokens_match_in_memory_quantized_model(model_dir: str, scheme: str) -> None:
-    """On CUDA the uint8 buffers are copied from pinned RAM and dequantized on the device (no fused path: it says so)."""
+    """On CUDA the uint8 buffers are copied from pinned RAM and dequantized on the device (no fused
+    path there: it says so)."""
     expected = _reference_tokens(model_dir, scheme)
     with pytest.warns(UserWarning, match="dequantized whole"):
         om = mo.load(model_dir, "cuda", config=_config(1, scheme, miss="copy"))
@@ -224,3 +225,30 @@ def test_cuda_tokens_match_in_memory_quantized_model(model_dir: str, scheme: str
         finally:
             om.close()
     assert torch.equal(got.cpu(), expected)
+
+
+def test_mixed_precision_miss_runs_low_precision_copy_then_full_copy(model_dir: str) -> None:
+    """miss_quant="int4" with room for every expert: the first forward misses everything and so
+    equals the int4 model; the full copies are fetched meanwhile, so the second equals the float model."""
+    _, int4_logits = _reference(model_dir, "int4")
+    _, float_logits = _reference(model_dir, None)
+    cfg = _config(E, None, miss_quant="int4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        om = mo.load(model_dir, "cpu", config=cfg)
+    try:
+        with torch.no_grad():
+            first = om.model(PROMPT).logits
+            st = om.runtime.stats
+            assert st.cpu_misses == st.requests > 0 and st.prefetches == st.cpu_misses and st.copies == 0
+            assert om.runtime.low_copy_bytes == len(om.runtime.low_copies) * _qbytes("int4")
+            second = om.model(PROMPT).logits
+    finally:
+        om.close()
+    torch.testing.assert_close(first, int4_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, float_logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs expert_quant=None"):
+        mo.OffloadConfig(expert_cache_bytes=1 << 20, expert_quant="int8", miss_quant="int4")
+    with pytest.raises(ValueError, match="does not divide the model dim"):
+        mo.load(model_dir, "cpu", config=mo.OffloadConfig(expert_cache_bytes=1 << 20, miss_quant="int4",
+                                                          expert_quant_group_size=128))  # fmt: skip
