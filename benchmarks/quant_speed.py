@@ -139,22 +139,22 @@ def run_kernel(rows: list[dict[str, Any]], reps: int) -> None:
             )  # fmt: skip
 
 
-def run_generate(rows: list[dict[str, Any]], repeats: int, tokens: int) -> None:
+def run_generate(rows: list[dict[str, Any]], repeats: int, tokens: int, threads: int) -> None:
     script = os.path.join(_HERE, "..", "examples", "offload_generate.py")
     print(f"\n## examples/offload_generate.py on CPU, {tokens} new tokens, random Mixtral (8 layers x 16 experts)")
-    samples: dict[str, list[float]] = {label(s): [] for s in SCHEMES}
+    samples: dict[str, list[float]] = {s or "none": [] for s in SCHEMES}  # the random model is fp32
     moved: dict[str, str] = {}
     for _ in range(repeats):
         for scheme in SCHEMES:
-            cmd = [sys.executable, script, "--device", "cpu", "--max-new-tokens", str(tokens), "--threads", "2",
+            cmd = [sys.executable, script, "--device", "cpu", "--max-new-tokens", str(tokens), "--threads", str(threads),
                    "--expert-quant", scheme or "none"]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             m = re.search(r"= ([\d.]+) tokens/s", out.stderr)
             b = re.search(r"bytes moved ([\d.]+) MiB", out.stderr)
             assert m is not None and b is not None, out.stderr[-2000:]
-            samples[label(scheme)].append(float(m.group(1)))
-            moved[label(scheme)] = b.group(1)
-    base = statistics.median(samples["bf16"])
+            samples[scheme or "none"].append(float(m.group(1)))
+            moved[scheme or "none"] = b.group(1)
+    base = statistics.median(samples["none"])
     print(f"{'scheme':>6} {'tokens/s (median)':>18} {'x none':>7} {'MiB moved':>10}  samples")
     for name, vals in samples.items():
         med = statistics.median(vals)
@@ -179,7 +179,7 @@ def main() -> None:
     if "timeline" in args.parts:
         run_timeline(rows)
     if "generate" in args.parts:
-        run_generate(rows, args.repeats, args.tokens)
+        run_generate(rows, args.repeats, args.tokens, args.threads)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "quant_speed.csv")
     harness.write_csv(path, rows, fieldnames=sorted({k for r in rows for k in r}))
