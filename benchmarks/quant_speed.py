@@ -146,8 +146,8 @@ def run_generate(rows: list[dict[str, Any]], repeats: int, tokens: int, threads:
     moved: dict[str, str] = {}
     for _ in range(repeats):
         for scheme in SCHEMES:
-            cmd = [sys.executable, script, "--device", "cpu", "--max-new-tokens", str(tokens), "--threads", str(threads),
-                   "--expert-quant", scheme or "none"]  # fmt: skip
+            cmd = [sys.executable, script, "--device", "cpu", "--max-new-tokens", str(tokens),
+                   "--threads", str(threads), "--expert-quant", scheme or "none"]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             m = re.search(r"= ([\d.]+) tokens/s", out.stderr)
             b = re.search(r"bytes moved ([\d.]+) MiB", out.stderr)
