@@ -33,7 +33,9 @@ moe.experts).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -260,15 +262,17 @@ def quantized_expert_mlp(
 
 
 FUSED_CPU_PATH = "fused-cpu"
+FUSED_TRITON_PATH = "fused-triton"
 FALLBACK_PATH = "dequantize-then-matmul"
-MATMUL_PATHS = ("auto", FUSED_CPU_PATH, FALLBACK_PATH)
+MATMUL_PATHS = ("auto", FUSED_CPU_PATH, FUSED_TRITON_PATH, FALLBACK_PATH)
 
 
 def matmul_path(device: torch.device | str) -> str:
     """How quantized_matmul multiplies on `device` by default: "fused-cpu" (the C++ op
     moe::quant_matmul, dequantization inside the GEMM) on a CPU where the extension is built,
     else "dequantize-then-matmul" (the weight dequantized whole, then a float matmul; also the
-    reference). No fused CUDA path yet (a Triton dequantize-GEMM is not done)."""
+    reference). The Triton dequantize-GEMM (kernels/quant_gemm.py, path="fused-triton") is not a
+    default anywhere yet: it has run only in Triton's CPU interpreter, never compiled on a GPU."""
     from moe.ops import cpp
 
     device = torch.device(device)
@@ -279,8 +283,8 @@ def quantized_matmul(x_NK: torch.Tensor, qw: QuantizedWeight, path: str = "auto"
     """x_NK [N, K] @ one expert's quantized weight qw [1, K, N_out] -> [N, N_out] in x's dtype.
 
     Args:
-        path: "auto" (matmul_path(x.device)), "fused-cpu" or "dequantize-then-matmul" (the
-            reference: x_NK @ dequantize(qw, x.dtype)[0]).
+        path: "auto" (matmul_path(x.device)), "fused-cpu", "fused-triton" (CUDA, or Triton's
+            interpreter on CPU) or "dequantize-then-matmul" (the reference: x_NK @ dequantize(qw, x.dtype)[0]).
 
     Differentiable w.r.t. x_NK on both paths.
     """
@@ -298,7 +302,28 @@ def quantized_matmul(x_NK: torch.Tensor, qw: QuantizedWeight, path: str = "auto"
 
         zero = None if qw.zero is None else qw.zero[0]
         return cpp.quant_matmul(x_NK, qw.data[0], qw.scale[0], zero, qw.group_size)
+    if chosen == FUSED_TRITON_PATH:
+        return _TritonQuantMatmul.apply(x_NK, qw)
     return x_NK @ dequantize(qw, x_NK.dtype)[0]
+
+
+class _TritonQuantMatmul(torch.autograd.Function):
+    """The Triton dequantize-GEMM forward; backward dx = dy @ dequantize(w)^T (the weights are constant)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_NK: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+        from moe.ops import triton as ops_triton
+
+        if not ops_triton.triton_installed():
+            raise ValueError("path='fused-triton' needs Triton installed")
+        kernel = importlib.import_module("moe.kernels.quant_gemm")
+        ctx.qw = qw
+        zero = None if qw.zero is None else qw.zero[0]
+        return kernel.quant_matmul(x_NK, qw.data[0], qw.scale[0], zero, qw.group_size)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ dequantize(ctx.qw, grad.dtype)[0].t(), None
 
 
 def quantized_mlp_one(
