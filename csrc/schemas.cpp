@@ -24,4 +24,8 @@ TORCH_LIBRARY(moe, m) {
   m.def("swiglu(Tensor h) -> Tensor");
   // grad_h [N, 2H] of swiglu: [grad_out * up * silu'(gate) | grad_out * silu(gate)].
   m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
+  // y [M, N] = x [M, K] @ dequantize(w) for one quantized weight (moe.quant): int8 data [K, N] with
+  // scale [1, N] and no zero (group_size = K), or int4 data uint8 [K / 2, N] with scale and zero
+  // [K / G, N]; computed in fp32, returned in x's dtype.
+  m.def("quant_matmul(Tensor x, Tensor data, Tensor scale, Tensor? zero, int group_size) -> Tensor");
 }

@@ -4,6 +4,7 @@
         --prompt "The capital of France is"
     python examples/offload_generate.py            # no --model: a small random Mixtral, saved first
     python examples/offload_generate.py --prompts-file prompts.txt --batch-size 8 --scheduler regroup
+    python examples/offload_generate.py --expert-quant int4   # experts quantized: 4.5 bits a weight moved
 
 Attention, embeddings and routers sit on --device; routed experts stream from the safetensors
 shards through RAM into a device cache of --expert-cache-gb. Ends with tokens/s, hit rate, bytes
@@ -97,6 +98,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="--prompts-file: requests per decode step")
     p.add_argument("--scheduler", default="fifo", choices=["fifo", "regroup"], help="--prompts-file: batch scheduler")
     p.add_argument("--max-wait", type=int, default=4, help="--scheduler regroup: most steps a request is left out")
+    p.add_argument(
+        "--expert-quant",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="quantize the routed experts (moe.quant): every tier holds and moves the quantized bytes",
+    )
+    p.add_argument("--expert-quant-group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
     args = p.parse_args()
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else None
     scheduler = None
@@ -116,7 +124,8 @@ def main() -> None:
         print(f"no --model: building a random {args.family} model in {model_dir}", file=sys.stderr)
         build_random_model(model_dir, args.family)
 
-    total_experts, expert_bytes, layers = _expert_sizes(model_dir)
+    quant = None if args.expert_quant == "none" else args.expert_quant
+    total_experts, expert_bytes, layers = _expert_sizes(model_dir, quant, args.expert_quant_group_size)
     budget = (
         int(args.expert_cache_gb * (1 << 30))
         if args.expert_cache_gb is not None
@@ -128,6 +137,7 @@ def main() -> None:
     config = mo.OffloadConfig(
         expert_cache_bytes=budget, policy=args.policy, scope=args.scope, lookahead=args.lookahead, miss=args.miss,
         ram_cache_bytes=ram, record_trace=True,  # for Belady on the same trace
+        expert_quant=quant, expert_quant_group_size=args.expert_quant_group_size,
     )  # fmt: skip
     om = mo.load(model_dir, args.device, config=config, dtype=dtype, progress=True)
     print(f"loaded in {time.perf_counter() - start:.1f}s; expert cache {budget / 2**20:.1f} MiB", file=sys.stderr)
@@ -171,7 +181,9 @@ def main() -> None:
         f"on device when asked (ready) {stats.ready_rate:.3f}; prefetch hits {stats.prefetch_hits}, "
         f"wasted prefetches {stats.wasted_prefetches}\n"
         f"bytes moved {stats.bytes_moved / 2**20:.1f} MiB in {stats.copies} copies + {stats.prefetches} prefetches; "
-        f"misses computed on CPU {stats.cpu_misses}; requests {stats.requests}",
+        f"misses computed on CPU {stats.cpu_misses}; requests {stats.requests}\n"
+        f"experts {args.expert_quant} ({expert_bytes / 2**20:.3f} MiB each"
+        + (f", multiplied by {', '.join(om.runtime.quant_paths.values())})" if quant else ")"),
         file=sys.stderr,
     )
     print_timeline(om, trace, seconds, new_tokens, max(per_layer, 1), args)
@@ -261,9 +273,11 @@ def print_timeline(
     )
 
 
-def _expert_sizes(model_dir: str) -> tuple[int, int, int]:
-    """(total routed experts, bytes of one expert in the checkpoint dtype, MoE layers), from headers only."""
+def _expert_sizes(model_dir: str, quant: str | None = None, group_size: int = 64) -> tuple[int, int, int]:
+    """(total routed experts, bytes of one expert in the checkpoint dtype or quantized with `quant`,
+    MoE layers), from headers only."""
     from moe.offload.checkpoint import ShardReader, index_experts, shard_files
+    from moe.quant import quantized_expert_bytes
 
     idx = index_experts(shard_files(model_dir))
     if not idx.experts:
@@ -276,7 +290,8 @@ def _expert_sizes(model_dir: str) -> tuple[int, int, int]:
     assert where is not None
     elem = reader.handle(where[0]).get_slice(where[1]).get_dtype()
     size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(elem, 4)
-    return len(idx.experts), 3 * d * i * size, len({layer for layer, _ in idx.experts})
+    nbytes = quantized_expert_bytes(d, i, quant, group_size=group_size, weight_bytes=size)
+    return len(idx.experts), nbytes, len({layer for layer, _ in idx.experts})
 
 
 def _tokenizer(model_dir: str) -> object:

@@ -11,6 +11,7 @@ are read: nothing is unpickled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from torch import nn
 
 from moe.offload.checkpoint import CheckpointError, ExpertIndex, ShardReader, index_experts, shard_files
 from moe.offload.runtime import OffloadConfig, OffloadedExperts, OffloadRuntime
-from moe.offload.store import ExpertShape, ExpertStore
+from moe.offload.store import ExpertShape, ExpertStore, Reader
 
 __all__ = ["OffloadedModel", "load"]
 
@@ -148,6 +149,7 @@ def load(
     miss: str | None = None,
     ram_cache_bytes: int | None = None,
     record_trace: bool | None = None,
+    expert_quant: str | None = None,
 ) -> OffloadedModel:
     """Loads a transformers MoE model directory with its routed experts offloaded.
 
@@ -161,6 +163,8 @@ def load(
             room for at least one expert.
         dtype: compute dtype (default: config.json's dtype, else float32).
         progress: show a tqdm bar while loading.
+        expert_quant: "int8" | "int4": quantize the routed experts (sets config.expert_quant;
+            the other quantization settings are OffloadConfig's expert_quant_*).
         expert_cache_bytes, policy, scope, lookahead, miss, ram_cache_bytes, record_trace:
             deprecated (DeprecationWarning): the fields of OffloadConfig, pass config= instead.
 
@@ -170,6 +174,9 @@ def load(
     Raises:
         CheckpointError (a ValueError): missing/truncated shard, no safetensors, or a config that
             does not match the weights.
+        ValueError: an unknown expert_quant, an int4 group size that does not divide the model dim
+            or the expert hidden size, an expert_quant_dir cache of other settings or whose scales
+            do not match.
         BudgetError (a ValueError): expert_cache_bytes cannot hold one expert per layer.
         TypeError: the model has no supported sparse MoE block.
     """
@@ -185,6 +192,12 @@ def load(
             record_trace=record_trace,
         ),
     )
+    if expert_quant is not None and expert_quant != oconfig.expert_quant:
+        if config is not None and config.expert_quant is not None:
+            raise TypeError(
+                f"expert_quant={expert_quant!r} contradicts config.expert_quant={config.expert_quant!r}; give one"
+            )
+        oconfig = dataclasses.replace(oconfig, expert_quant=expert_quant)  # type: ignore[arg-type]
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe.integrations.hf_families import SUPPORTED_BLOCKS, spec_for
@@ -233,7 +246,8 @@ def load(
         shape = shapes[key[0]]
         shard_reader.read_expert(idx.experts[(numbers[key[0]], key[1])], out_flat, shape.dim, shape.hidden)
 
-    store = ExpertStore(read, shapes, dtype, device, oconfig.ram_cache_bytes)
+    store_shapes, store_dtype, store_read = _expert_format(oconfig, shapes, read, dtype, layers)
+    store = ExpertStore(store_read, store_shapes, store_dtype, device, oconfig.ram_cache_bytes)
     try:
         runtime = OffloadRuntime(
             store, oconfig, [m.router for _, m in layers], [m.config.num_experts for _, m in layers]
@@ -248,6 +262,34 @@ def load(
     _load_dense(model, idx, blocks, checker, dtype, device, progress)
     model.eval()
     return OffloadedModel(model, runtime, model_dir)
+
+
+def _expert_format(
+    oconfig: OffloadConfig, shapes: dict[int, ExpertShape], read: Reader, dtype: torch.dtype, layers: list[Any]
+) -> tuple[dict[int, ExpertShape], torch.dtype, Reader]:
+    """(shapes, dtype, reader) of the store's buffers: the checkpoint's experts in `dtype`, or
+    quantized (oconfig.expert_quant) into uint8 buffers by moe.offload.quantized."""
+    if oconfig.expert_quant is None:
+        return shapes, dtype, read
+    from moe.offload.quantized import QuantizedExpertShape, cached_reader, quantizing_reader
+
+    qshapes = {
+        o: QuantizedExpertShape(
+            s.dim,
+            s.hidden,
+            s.width,
+            scheme=oconfig.expert_quant,
+            group_size=oconfig.expert_quant_group_size,
+            weight_dtype=dtype,
+        )
+        for o, s in shapes.items()
+    }
+    if oconfig.expert_quant_dir is None:
+        qread = quantizing_reader(read, qshapes, dtype)
+    else:
+        num_experts = [m.config.num_experts for _, m in layers]
+        qread = cached_reader(oconfig.expert_quant_dir, read, qshapes, num_experts, dtype)
+    return dict(qshapes), torch.uint8, qread
 
 
 def _offload_config(config: OffloadConfig | None, loose: dict[str, Any]) -> OffloadConfig:

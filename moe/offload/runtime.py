@@ -11,12 +11,14 @@ Shape legend: N routed rows sorted by expert, D dim, H expert hidden, F = 2H, E 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
+from moe import quant
 from moe.config import positional_deprecated
 from moe.experts import ExpertsBase, expert_mlp
 from moe.offload.cache import Residency
@@ -26,6 +28,7 @@ from moe.offload.policies import Key, make_policy
 from moe.offload.predict import forecast
 from moe.offload.store import ExpertStore
 from moe.offload.trace import Trace, TraceBuilder
+from moe.quant import QuantizedWeight, quantized_mlp_one
 
 __all__ = ["OffloadConfig", "OffloadRuntime", "OffloadedExperts"]
 
@@ -35,6 +38,7 @@ MISS_MODES = ("auto", "copy", "cpu")
 Policy = Literal["lru", "lfu", "predictive"]
 Scope = Literal["layer", "global"]
 Miss = Literal["auto", "copy", "cpu"]
+ExpertQuant = Literal["int8", "int4"]
 CACHE_POLICIES = ("lru", "lfu", "predictive")  # belady is offline: moe.offload.simulate only
 SCOPES = ("layer", "global")
 
@@ -60,6 +64,22 @@ class OffloadConfig:
             already in flight (moe.offload.engine.link_budget); False: every confident guess.
         min_confidence: the least router probability a forecast must give an expert for the
             predictive policy to prefetch it (moe.offload.engine.MIN_CONFIDENCE).
+        expert_quant: None (experts at the compute dtype), "int8" (per output channel) or "int4"
+            (group-wise with zero points): load() quantizes every expert (moe.quant) and every tier
+            holds, counts and moves only the quantized bytes; each expert is dequantized on the
+            device at use (moe.offload.quantized).
+        expert_quant_group_size: int4's group size G along the inner dimension (32, 64 or 128;
+            it must divide the model dim and the expert hidden size).
+        expert_quant_dir: a directory for an on-disk cache of the quantized experts (one
+            safetensors file per MoE layer): written once by load() where missing, so the
+            experts are quantized once; read (and checked) where present. None: no disk cache,
+            each expert is quantized as it is read from the checkpoint.
+        miss_quant: mixed precision in the HOBBIT spirit: None (off), or "int8" | "int4": a miss
+            runs at once from a low-precision copy of the expert (quantized from the RAM tier on
+            its first miss and then kept on the device: at most every expert at that precision),
+            while the full copy is fetched as a prefetch for later uses. Those misses count as
+            CacheStats.cpu_misses (computed elsewhere than the cache); requires expert_quant None
+            and a miss mode other than "cpu".
     """
 
     expert_cache_bytes: int
@@ -71,8 +91,23 @@ class OffloadConfig:
     record_trace: bool = False
     link_budget: bool = True
     min_confidence: float = MIN_CONFIDENCE
+    expert_quant: ExpertQuant | None = None
+    expert_quant_group_size: int = 64
+    expert_quant_dir: str | None = None
+    miss_quant: ExpertQuant | None = None
 
     def __post_init__(self) -> None:
+        from moe.offload.quantized import check_expert_quant
+
+        check_expert_quant(self.expert_quant, self.expert_quant_group_size)
+        check_expert_quant(self.miss_quant, self.expert_quant_group_size)
+        if self.miss_quant is not None and (self.expert_quant is not None or self.miss == "cpu"):
+            raise ValueError(
+                f"miss_quant={self.miss_quant!r} runs misses from a low-precision copy of full-precision experts: "
+                f"it needs expert_quant=None (got {self.expert_quant!r}) and miss 'auto' or 'copy' (got {self.miss!r})"
+            )
+        if self.expert_quant_dir is not None and self.expert_quant is None:
+            raise ValueError("expert_quant_dir is a cache of quantized experts: set expert_quant too")
         if self.policy not in CACHE_POLICIES:
             raise ValueError(
                 f"unknown policy {self.policy!r}; policy must be one of {CACHE_POLICIES} "
@@ -135,6 +170,14 @@ class OffloadRuntime:
         )
         for layer in range(self.num_layers):
             self.residency.check_fits(store.expert_bytes(layer), f"one expert of MoE layer {layer}", (layer, 0))
+        if config.miss_quant is not None:  # the low-precision copies' group size must fit every layer
+            from moe.offload.quantized import QuantizedExpertShape
+
+            for shape in store.shapes.values():
+                QuantizedExpertShape(
+                    shape.dim, shape.hidden, shape.width, scheme=config.miss_quant,
+                    group_size=config.expert_quant_group_size,
+                )  # fmt: skip
         cuda_link = store.device.type == "cuda" and config.link_budget
         self.engine = CacheEngine(
             self.residency,
@@ -142,7 +185,12 @@ class OffloadRuntime:
             fetch=self._fetch,
             prefetch_budget=self._prefetch_budget if cuda_link else None,
             min_confidence=config.min_confidence,
+            # mixed precision: after a miss ran from its low-precision copy, fetch the full copy
+            admit_cpu_misses=(lambda: True) if config.miss_quant is not None else None,
         )
+        # miss_quant: low-precision copies on the device, by expert, and the bytes they took
+        self.low_copies: dict[Key, tuple[QuantizedWeight, QuantizedWeight]] = {}
+        self.low_copy_bytes = 0
         self.layer_seconds = 0.0  # moving average of the time between two layers' expert calls
         self._last_layer_start: float | None = None
         self.predicts = self.residency.policy.prefetches
@@ -152,6 +200,8 @@ class OffloadRuntime:
         # "measured" preset (moe.offload.timeline.measured_hardware) is calibrated from them.
         self.host_seconds = {"fetch": 0.0, "forecast": 0.0}
         self.host_calls = {"fetch": 0, "forecast": 0}
+        # How quantized experts were multiplied, by device type (moe.quant.matmul_path); filled on use.
+        self.quant_paths: dict[str, str] = {}
 
     @property
     def stats(self):  # noqa: ANN201 - CacheStats
@@ -169,7 +219,7 @@ class OffloadRuntime:
 
     def _on_cpu(self, rows_E: list[int], device: torch.device, act_bytes: int) -> object:
         mode = self.config.miss
-        if mode == "cpu":
+        if mode == "cpu" or self.config.miss_quant is not None:
             return lambda key: True
         if mode == "copy" or device.type == "cpu":
             return lambda key: False
@@ -237,14 +287,47 @@ class OffloadRuntime:
                         self.residency.evict((layer, e))
                     raise
                 y_ND[rows] = self._mlp(x_ND[rows], w_in, w_out)
+            elif self.config.miss_quant is not None:
+                q_in, q_out = self._low_copy((layer, e), x_ND.device)
+                y_ND[rows] = self._mlp(x_ND[rows], q_in, q_out)
             else:
                 w_in, w_out = self.store.shapes[layer].views(self.store.host((layer, e)))
                 self.cpu_rows += counts[e]
                 y_ND[rows] = self._mlp(x_ND[rows].cpu(), w_in, w_out).to(x_ND.device)
         return y_ND
 
-    def _mlp(self, x_ND: torch.Tensor, w_in_DF: torch.Tensor, w_out_HD: torch.Tensor) -> torch.Tensor:
+    def _low_copy(self, key: Key, device: torch.device) -> tuple[QuantizedWeight, QuantizedWeight]:
+        """key's low-precision copy on `device` (miss_quant), quantized from the RAM tier on first use."""
+        copy = self.low_copies.get(key)
+        if copy is None:
+            scheme, group = self.config.miss_quant, self.config.expert_quant_group_size
+            assert scheme is not None
+            w_in, w_out = self.store.shapes[key[0]].views(self.store.host(key))
+            q_in, q_out = (quant.quantize(w.unsqueeze(0), scheme, group).to(device) for w in (w_in, w_out))
+            copy = self.low_copies[key] = (q_in, q_out)
+            self.low_copy_bytes += q_in.nbytes + q_out.nbytes
+        return copy
+
+    def _mlp(
+        self, x_ND: torch.Tensor, w_in_DF: torch.Tensor | QuantizedWeight, w_out_HD: torch.Tensor | QuantizedWeight
+    ) -> torch.Tensor:
+        if isinstance(w_in_DF, QuantizedWeight) and isinstance(w_out_HD, QuantizedWeight):
+            self._note_quant_path(x_ND.device)
+            return quantized_mlp_one(x_ND, w_in_DF, w_out_HD, self.activation)
+        assert isinstance(w_in_DF, torch.Tensor) and isinstance(w_out_HD, torch.Tensor)
         return expert_mlp(x_ND, w_in_DF, w_out_HD, None, self.activation)
+
+    def _note_quant_path(self, device: torch.device) -> None:
+        """Records (and, for the fallback, warns once per device type) how quantized experts run."""
+        if device.type in self.quant_paths:
+            return
+        path = self.quant_paths[device.type] = quant.matmul_path(device)
+        if path == "dequantize-then-matmul":
+            warnings.warn(
+                f"quantized experts on {device.type}: no fused dequantize-GEMM here, each expert is "
+                "dequantized whole and multiplied in the compute dtype (weights still move and stay quantized)",
+                stacklevel=2,
+            )
 
     def recorded_trace(self) -> Trace:
         """The routing of every step so far, as a Trace (replay it with moe.offload.simulate).
