@@ -29,6 +29,7 @@ __all__ = [
     "expert_weights",
     "gpt_oss_weights",
     "interleave",
+    "deinterleave",
     "read_option",
     "check_silu",
 ]
@@ -258,9 +259,12 @@ def gpt_oss_weights(block: nn.Module) -> ExpertWeights:
     bias = getattr(experts, "gate_up_proj_bias", None)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(bias, torch.Tensor):
         raise TypeError(f"{type(block).__name__}.experts has no gate_up_proj / gate_up_proj_bias (GPT-OSS layout)")
-    w_in = torch.cat([gate_up[..., ::2], gate_up[..., 1::2]], dim=-1)
-    b_in = torch.cat([bias[..., ::2], bias[..., 1::2]], dim=-1)
-    return ExpertWeights(w_in, experts.down_proj, False, b_in, experts.down_proj_bias)
+    return ExpertWeights(deinterleave(gate_up), experts.down_proj, False, deinterleave(bias), experts.down_proj_bias)
+
+
+def deinterleave(columns: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's interleaved [..., 2I] (gate even, up odd) -> our [gate | up] halves (inverse of interleave)."""
+    return torch.cat([columns[..., ::2], columns[..., 1::2]], dim=-1)
 
 
 def interleave(halves: torch.Tensor) -> torch.Tensor:

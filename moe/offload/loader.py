@@ -4,7 +4,8 @@ routed experts in a tiered store (never all resident).
 Steps: validate the shards (headers and sizes); build the HF model from config.json with every
 parameter on the meta device (buffers such as rotary tables are real); patch() its sparse MoE
 blocks into moe.MoE layers (still meta); swap each layer's experts for OffloadedExperts; load
-every non-expert tensor from the memory-mapped shards onto the device. Only safetensors and JSON
+every non-expert tensor from the memory-mapped shards onto the device. GPT-OSS's per-expert
+biases are read from the shards too and stay on the device (tiny next to the weights). Only safetensors and JSON
 are read: nothing is unpickled.
 """
 
@@ -20,7 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe.offload.checkpoint import CheckpointError, ExpertIndex, ShardReader, index_experts, shard_files
+from moe.offload.checkpoint import (
+    MXFP4_SUFFIXES,
+    CheckpointError,
+    ExpertIndex,
+    ShardReader,
+    index_experts,
+    shard_files,
+)
 from moe.offload.runtime import OffloadConfig, OffloadedExperts, OffloadRuntime
 from moe.offload.store import ExpertShape, ExpertStore
 
@@ -71,6 +79,7 @@ def _block_renames(block_name: str, spec: Any) -> dict[str, str]:
     out = {
         f"{router}.weight": "moe.router.weight",
         f"{router}.e_score_correction_bias": "moe.router.e_score_correction_bias",
+        f"{router}.bias": "moe.router.bias",  # GPT-OSS
         # On-disk router names that transformers 5.x renames on load: PhiMoE's gate, Granite's router.layer.
         "gate.weight": "moe.router.weight",
         "router.layer.weight": "moe.router.weight",
@@ -212,15 +221,16 @@ def load(
                     sub._buffers[bname] = buf.to("meta")
     patch(model)
     layers = sorted((number, model.get_submodule(name).moe) for number, (name, _) in blocks.items())
-    for _, moe_layer in layers:
-        c = moe_layer.config
-        if c.expert_bias or c.activation != "swiglu":
-            raise TypeError(
-                f"offload: {type(model).__name__}'s experts (activation={c.activation!r}, expert_bias="
-                f"{c.expert_bias}) are not supported offloaded yet; OffloadedExperts are bias-free SwiGLU"
-            )
+    activation = _activation(model, layers)
+    mxfp4 = sorted(n for n in names if ".experts." in n and n.endswith(MXFP4_SUFFIXES))
+    if mxfp4:
+        raise CheckpointError(
+            f"{model_dir!r} holds MXFP4-quantized experts (e.g. {mxfp4[0]}), which moe.offload does not read; "
+            "save a dequantized copy first: from_pretrained(dir, quantization_config=Mxfp4Config(dequantize=True)) "
+            "then save_pretrained"
+        )
 
-    idx = index_experts(names)
+    idx = index_experts(names, layout="gpt_oss" if activation == "swiglu_oai" else "hf")
     checker = ShardReader()
     _check_experts(idx, checker, layers)
     shapes = {
@@ -234,20 +244,63 @@ def load(
         shard_reader.read_expert(idx.experts[(numbers[key[0]], key[1])], out_flat, shape.dim, shape.hidden)
 
     store = ExpertStore(read, shapes, dtype, device, oconfig.ram_cache_bytes)
+    first = layers[0][1].experts
     try:
         runtime = OffloadRuntime(
-            store, oconfig, [m.router for _, m in layers], [m.config.num_experts for _, m in layers]
+            store,
+            oconfig,
+            [m.router for _, m in layers],
+            [m.config.num_experts for _, m in layers],
+            activation,
+            swiglu_alpha=first.alpha,
+            swiglu_limit=first.limit,
         )
     except Exception:
         store.close()
         raise
-    for ordinal, (_, moe_layer) in enumerate(layers):
+    for ordinal, (number, moe_layer) in enumerate(layers):
         c = moe_layer.config
-        moe_layer.experts = OffloadedExperts(runtime, ordinal, c.num_experts, c.dim, c.hidden_dim, dtype, device)
+        b_in, b_out = _expert_biases(idx, checker, number, c.num_experts, dtype, device)
+        moe_layer.experts = OffloadedExperts(
+            runtime, ordinal, c.num_experts, c.dim, c.hidden_dim, dtype, device, b_in, b_out
+        )
 
+    for name, spec in blocks.values():  # DeepSeek-V2's HF router has no bias: ours is a fixed zero
+        wrapper = model.get_submodule(name)
+        hf_gate = getattr(wrapper._hf_skeleton, spec.router_attr, None)
+        router = wrapper.moe.router
+        if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor) and not hasattr(
+            hf_gate, "e_score_correction_bias"
+        ):
+            router.e_score_correction_bias = torch.zeros(router.e_score_correction_bias.shape, device=device)
     _load_dense(model, idx, blocks, checker, dtype, device, progress)
     model.eval()
     return OffloadedModel(model, runtime, model_dir)
+
+
+def _activation(model: nn.Module, layers: list[tuple[int, Any]]) -> str:
+    """The one expert activation of all MoE layers ("swiglu", or "swiglu_oai" for GPT-OSS)."""
+    found = {(m.config.activation, m.config.expert_bias) for _, m in layers}
+    if found == {("swiglu", False)} or found == {("swiglu_oai", True)}:
+        return next(iter(found))[0]
+    raise TypeError(
+        f"offload: {type(model).__name__}'s experts (activation, expert_bias) = {sorted(found)} are not "
+        "supported offloaded; OffloadedExperts run bias-free SwiGLU or GPT-OSS's biased clamped SwiGLU"
+    )
+
+
+def _expert_biases(
+    idx: ExpertIndex, reader: ShardReader, number: int, num_experts: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(b_in [E, 2I], b_out [E, D]) of model layer `number` on the device (GPT-OSS), or (None, None)."""
+    rows = [reader.read_expert_bias(idx.experts[(number, e)]) for e in range(num_experts)]
+    if all(r is None for r in rows):
+        return None, None
+    if any(r is None for r in rows):
+        raise CheckpointError(f"config does not match weights: layer {number} has biases for some experts only")
+    b_in = torch.stack([r[0] for r in rows if r is not None]).to(device=device, dtype=dtype)
+    b_out = torch.stack([r[1] for r in rows if r is not None]).to(device=device, dtype=dtype)
+    return b_in, b_out
 
 
 def _offload_config(config: OffloadConfig | None, loose: dict[str, Any]) -> OffloadConfig:
