@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import load_script
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,3 +28,17 @@ def test_example_prints_measured_and_simulated_ms_per_token(policy: str) -> None
     assert "oracle" in line and measured > 0
     # The run calibrates the timeline's compute, so the policy used comes back close to measured.
     assert used == pytest.approx(measured, rel=0.2)
+
+
+example = load_script("examples/offload_generate.py", "offload_generate_example")
+
+
+@pytest.mark.parametrize("family", example.FAMILIES)
+def test_every_family_offloaded_gives_the_in_memory_tokens(family: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`offload_generate.py --family NAME --tiny --check` for every family patch() supports, in process
+    (one interpreter: the imports dominate a subprocess per family)."""
+    torch.set_num_threads(1)
+    example.main(["--family", family, "--tiny", "--check", "--device", "cpu", "--max-new-tokens", "6"])
+    err = capsys.readouterr().err
+    assert "tokens equal to the in-memory model: yes" in err
+    assert re.search(r"hit rate [\d.]+", err)
