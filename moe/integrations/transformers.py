@@ -20,7 +20,8 @@ transformers itself is never imported: blocks are recognised by class name (moe.
 
 After patch(): output_router_logits=True works (our blocks hand HF's output collector the router
 logits, so HF's own aux loss comes from our routers); moe.aux_loss(model) also works.
-unpatch(model) before save_pretrained gives a checkpoint the unpatched HF class loads.
+unpatch(model) before save_pretrained gives a checkpoint the unpatched HF class loads
+(unpatch(model, merge_adapters=True) with LoRA-MoE adapters: plain LoRA / MoS folded into the weights).
 
 Differences that remain, by design:
     - By default our routers compute logits in fp32 from fp32 copies of x and W; HF's Mixtral /
@@ -437,10 +438,30 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
     return block
 
 
-def unpatch(model: nn.Module) -> int:
+def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> int:
     """Puts the original HF blocks back in place of every HFMoEBlock made by patch(), with the
     current (e.g. fine-tuned) weights, so model.save_pretrained(dir) loads into the unpatched HF
-    class. Returns the number of blocks restored."""
+    class. Returns the number of blocks restored.
+
+    LoRA-MoE adapters (moe.lora) are not part of any HF class, so a model carrying them is refused
+    unless merge_adapters=True, which first folds them into the weights they adapt (moe.lora.merge_lora_moe:
+    exact for plain LoRA, i.e. one expert, and MoS). A routed mixture (more than one LoRA expert) cannot
+    be folded: it is refused either way, and the message says to keep it as an adapter file.
+
+    Raises:
+        ValueError: adapters present and merge_adapters=False, or routed adapters (model unchanged).
+    """
+    from moe.lora import adapter_modules, merge_lora_moe
+
+    adapters = list(adapter_modules(model))
+    if adapters and not merge_adapters:
+        raise ValueError(
+            f"unpatch: the model carries {len(adapters)} LoRA-MoE adapter(s), e.g. {adapters[:3]}, which "
+            "save_pretrained would write under names the HF class cannot load; fold them into the weights "
+            "first: unpatch(model, merge_adapters=True) or moe.lora.merge_lora_moe(model)"
+        )
+    if adapters:
+        merge_lora_moe(model)  # raises, changing nothing, on routed adapters
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
     for name, wrapper in targets:
         block = to_hf(wrapper)
