@@ -94,6 +94,30 @@ def family_options(family: str, dim: int, layers: int) -> dict[str, object]:
         ),  # fmt: skip
         "phimoe": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
         "gpt_oss": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
+        "exaone_moe": dict(num_experts=16, num_experts_per_tok=4, num_shared_experts=1, **_GROUPED, **moe_width),
+        "minicpm5_moe": dict(
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            **_GROUPED,
+            **moe_width,
+            mlp_layer_types=["dense"] + ["sparse"] * (layers - 1),
+        ),  # fmt: skip
+        "solar_open": dict(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, **_GROUPED, **moe_width),
+        "mellum": dict(num_experts=16, num_experts_per_tok=4, **moe_width),
+        "minimax_m2": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
+        "granitemoe_swa": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=dim),
+        "qwen3_5_moe_text": dict(
+            num_experts=16,
+            num_experts_per_tok=4,
+            shared_expert_intermediate_size=2 * dim,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            **moe_width,
+        ),  # fmt: skip
     }
     if family not in families:
         raise SystemExit(f"--family must be one of {sorted(families)}, got {family!r}")
@@ -102,7 +126,8 @@ def family_options(family: str, dim: int, layers: int) -> dict[str, object]:
 
 FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "minimax",
-    "qwen3_next", "jamba", "granitemoe", "granitemoeshared", "phimoe", "gpt_oss",
+    "qwen3_next", "jamba", "granitemoe", "granitemoeshared", "phimoe", "gpt_oss", "exaone_moe", "minicpm5_moe",
+    "solar_open", "mellum", "minimax_m2", "granitemoe_swa", "qwen3_5_moe_text",
 )  # fmt: skip
 
 

@@ -232,7 +232,24 @@ def _save_tiny(family: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[s
 
 @pytest.mark.parametrize(
     "family",
-    ["deepseek_v2", "glm4_moe", "dots1", "minimax", "qwen3_next", "jamba", "granitemoe", "granitemoeshared", "phimoe"],
+    [
+        "deepseek_v2",
+        "glm4_moe",
+        "dots1",
+        "minimax",
+        "qwen3_next",
+        "jamba",
+        "granitemoe",
+        "granitemoeshared",
+        "phimoe",
+        "exaone_moe",
+        "minicpm5_moe",
+        "solar_open",
+        "mellum",
+        "minimax_m2",
+        "granitemoe_swa",
+        "qwen3_5_moe",
+    ],  # fmt: skip
 )
 def test_more_families(family: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     torch.set_num_threads(1)

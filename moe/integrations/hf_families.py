@@ -120,6 +120,18 @@ def _deepseek_v2_router(block: nn.Module) -> RouterConfig:
     )
 
 
+def _minimax_m2_router(block: nn.Module) -> RouterConfig:
+    # sigmoid scores, top-k on score + e_score_correction_bias (held by the block, not its gate),
+    # the selected scores renormalised, unscaled, no groups.
+    jitter = float(read_option(block, "jitter_noise", default=0.0))
+    if jitter > 0:
+        raise TypeError(
+            f"{type(block).__name__} has router_jitter_noise={jitter}: its training-mode input jitter "
+            "(which also scales the experts' input) has no counterpart in our aux-free router"
+        )
+    return AuxFreeConfig(score_func="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True)
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """How one HF family's sparse MoE block maps onto moe.MoE.
@@ -141,6 +153,8 @@ class FamilySpec:
         activation: "swiglu", or "swiglu_oai" (GPT-OSS: clamped SwiGLU, interleaved gate/up, biases).
         rounds_weights: HF's router returns the gate weights in the model dtype (Qwen, OLMoE,
             Jamba, Granite); Mixtral and MiniMax return them in fp32. Used by routing_dtype="model".
+        bias_on_block: the e_score_correction_bias buffer sits on the block itself, not on its
+            router (MiniMax-M2).
     """
 
     family: str
@@ -155,6 +169,7 @@ class FamilySpec:
     rounds_weights: bool = True
     activation: str = "swiglu"
     returns_tuple: bool = False
+    bias_on_block: bool = False
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -204,7 +219,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("Jamba", ("JambaSparseMoeBlock",), "topk", _unnormalised_topk_router, router_attr="router"),
     FamilySpec(
         "Granite-MoE",
-        ("GraniteMoeMoE", "GraniteMoeSharedMoE"),
+        ("GraniteMoeMoE", "GraniteMoeSharedMoE", "GraniteMoeSWAMoE"),
         "topk",
         _normalised_topk_router,
         router_attr="router",
@@ -219,6 +234,45 @@ FAMILIES: tuple[FamilySpec, ...] = (
         returns_tuple=True,
     ),
     FamilySpec("PhiMoE", ("PhimoeSparseMoeBlock",), "sparsemixer", _sparsemixer_router, router_attr="router"),
+    # Found by comparing every MoE block of transformers 5.25 with our routers on tiny random
+    # configs, then read: the same math as the family named in the comment.
+    # GLM-4.5 / DeepSeek-V3 routing (fp32 router, sigmoid + bias, group-limited, scaled), ungated shared experts:
+    FamilySpec(
+        "EXAONE-MoE",
+        ("ExaoneMoeSparseMoEBlock",),
+        "aux_free",
+        _deepseek_v3_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+    ),
+    FamilySpec(
+        "MiniCPM5-MoE",
+        ("MiniCPM5MoeMoE",),
+        "aux_free",
+        _deepseek_v3_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+    ),
+    FamilySpec(
+        "Solar-Open",
+        ("SolarOpenMoE",),
+        "aux_free",
+        _deepseek_v3_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+    ),
+    FamilySpec("Mellum", ("MellumSparseMoeBlock",), "topk", _softmax_topk_router),  # Qwen3-MoE routing
+    # Mixtral routing (softmax top-k, always renormalised); Qwen3.5 adds Qwen2-MoE's gated shared expert.
+    FamilySpec("Qwen3-VL-MoE", ("Qwen3VLMoeTextSparseMoeBlock",), "topk", _mixtral_router),
+    FamilySpec(
+        "Qwen3.5-MoE",
+        ("Qwen3_5MoeSparseMoeBlock",),
+        "topk",
+        _mixtral_router,
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+    ),
+    FamilySpec("MiniMax-M2", ("MiniMaxM2SparseMoeBlock",), "aux_free", _minimax_m2_router, bias_on_block=True),
 )
 
 SPECS_BY_CLASS: dict[str, FamilySpec] = {name: spec for spec in FAMILIES for name in spec.block_classes}

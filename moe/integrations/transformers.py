@@ -13,9 +13,12 @@ group_limited_greedy), GLM-4.5 / GLM-4.5-lite / GLM-4.5V text (DeepSeek-V3 routi
 MiniMax, Qwen3-Next, Jamba, Granite-MoE (+Shared: its shared_mlp sits outside the block and stays
 HF's), PhiMoE (sparsemixer top-2, eval mode only: training-mode sparsemixer samples and raises),
 GPT-OSS (router bias, softmax over the top-k logits; experts with biases and the clamped
-"swiglu_oai" activation, interleaved gate/up columns de-interleaved on the way in; one device, not offloaded).
+"swiglu_oai" activation, interleaved gate/up columns de-interleaved on the way in; one device, no fused kernel),
+EXAONE-MoE, MiniCPM5-MoE and Solar-Open (GLM-4.5 routing), Mellum (Qwen3-MoE routing), Qwen3-VL-MoE
+text and Qwen3.5-MoE (Mixtral routing; Qwen3.5 with a gated shared expert), MiniMax-M2 (sigmoid +
+bias top-k, renormalised; the bias lives on the block), Granite-MoE-SWA (Granite).
 Blocks that hold `experts` but are not one of these are left untouched with a warning naming the
-block and the reason (unknown classes: unverified math).
+block and the reason (REFUSED_BLOCKS: known and why, e.g. Llama 4; other classes: unverified math).
 transformers itself is never imported: blocks are recognised by class name (moe.integrations.hf_families).
 
 After patch(): output_router_logits=True works (our blocks hand HF's output collector the router
@@ -163,7 +166,7 @@ def _build(
     _copy_into(_tensor(layer.router, "weight"), router_weight)
     if getattr(router_config, "bias", False):
         _copy_into(_tensor(layer.router, "bias"), gate.bias)
-    bias = getattr(gate, "e_score_correction_bias", None)
+    bias = getattr(block if spec.bias_on_block else gate, "e_score_correction_bias", None)
     if spec.router == "aux_free" and isinstance(bias, torch.Tensor):
         _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float())  # the bias stays fp32 in any dtype
     if shared is not None:
@@ -263,8 +266,23 @@ class HFMoEBlock(nn.Module):
         return f"replaces={self.source}, returns_router_logits={self.returns_router_logits}"
 
 
-# Blocks we recognise but cannot express exactly, and why (patch leaves them untouched).
-REFUSED_BLOCKS: dict[str, str] = {}
+# Blocks we recognise but do not convert, and why (patch leaves them untouched). Read in
+# transformers 5.25; any other block holding `experts` gets the generic "unverified" reason.
+REFUSED_BLOCKS: dict[str, str] = {
+    "Llama4TextMoe": "Llama 4 scales each expert's input by its sigmoid gate (routed_in = x * score), not the "
+    "expert's output; with nonlinear experts moe.MoE's output weighting is a different function",
+    "Ernie4_5_MoeSparseMoeBlock": "ERNIE 4.5's router keeps its selection bias as a [1, E] parameter in "
+    "gate.moe_statics and clamps the renormaliser at moe_norm_min; not mapped onto our routers yet",
+    "Ernie4_5_VLMoeSparseMoeBlock": "ERNIE 4.5 VL routes text and vision tokens to separate expert sets; not "
+    "mapped onto our routers",
+    "HunYuanMoEV1Moe": "HunYuan's gate (gate.wg, per-layer expert counts and top-k) is not mapped onto our routers yet",
+    "NemotronHMoE": "its experts use ReLU^2 (ReLUSquaredActivation); moe.MoE experts are SwiGLU",
+    "ErgoMoE": "its experts use ReLU^2 (ReLUSquaredActivation); moe.MoE experts are SwiGLU",
+    "SwitchTransformersSparseMLP": "encoder-decoder Switch MLP with capacity-limited top-1 and dense experts "
+    "(ReLU, no gate); moe.MoE experts are SwiGLU",
+    "NllbMoeSparseMLP": "NLLB's capacity-limited top-2 with its second-expert policy and ReLU experts; "
+    "moe.MoE experts are SwiGLU",
+}
 
 
 @dataclass(frozen=True)
@@ -421,8 +439,9 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
     _assign(gate, "weight", _tensor(layer.router, "weight"), written)
     if isinstance(getattr(gate, "bias", None), torch.Tensor):
         _assign(gate, "bias", _tensor(layer.router, "bias"), written)
-    if isinstance(getattr(gate, "e_score_correction_bias", None), torch.Tensor):
-        _assign(gate, "e_score_correction_bias", _tensor(layer.router, "e_score_correction_bias"), written)
+    bias_holder = block if spec.bias_on_block else gate
+    if isinstance(getattr(bias_holder, "e_score_correction_bias", None), torch.Tensor):
+        _assign(bias_holder, "e_score_correction_bias", _tensor(layer.router, "e_score_correction_bias"), written)
     if spec.shared_expert:
         assert layer.shared_experts is not None
         shared = getattr(block, spec.shared_expert)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,7 @@ def _block_renames(block_name: str, spec: Any) -> dict[str, str]:
         f"{router}.weight": "moe.router.weight",
         f"{router}.e_score_correction_bias": "moe.router.e_score_correction_bias",
         f"{router}.bias": "moe.router.bias",  # GPT-OSS
+        "e_score_correction_bias": "moe.router.e_score_correction_bias",  # MiniMax-M2: on the block
         # On-disk router names that transformers 5.x renames on load: PhiMoE's gate, Granite's router.layer.
         "gate.weight": "moe.router.weight",
         "router.layer.weight": "moe.router.weight",
@@ -92,12 +93,30 @@ def _block_renames(block_name: str, spec: Any) -> dict[str, str]:
     return out
 
 
-def _map_names(idx: ExpertIndex, blocks: dict[int, tuple[str, Any]], model_keys: set[str]) -> dict[str, str]:
+def _hf_renaming(model_type: str) -> Callable[[str], str]:
+    """transformers' own load-time renames of checkpoint names for `model_type` (plain renames only,
+    e.g. MiniCPM5-MoE's self_attn.q_proj -> q_gate_proj); the identity where there are none or
+    this transformers has no such table."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # transformers 4.x: no conversion table
+        return lambda name: name
+    renamings = [t for t in get_checkpoint_conversion_mapping(model_type) or [] if isinstance(t, WeightRenaming)]
+    return lambda name: apply_renamings(name, renamings) if renamings else name
+
+
+def _map_names(
+    idx: ExpertIndex,
+    blocks: dict[int, tuple[str, Any]],
+    model_keys: set[str],
+    rename: Callable[[str], str] = lambda name: name,
+) -> dict[str, str]:
     """Checkpoint name -> model state_dict name, for every non-expert tensor."""
     mapping: dict[str, str] = {}
     unknown = []
     for name in idx.others:
-        target = name if name in model_keys else None
+        target = name if name in model_keys else rename(name) if rename(name) in model_keys else None
         for layer, (block_name, spec) in blocks.items():
             prefix = idx.prefixes.get(layer, block_name)
             if name.startswith(prefix + "."):
@@ -269,9 +288,10 @@ def load(
         wrapper = model.get_submodule(name)
         hf_gate = getattr(wrapper._hf_skeleton, spec.router_attr, None)
         router = wrapper.moe.router
-        if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor) and not hasattr(
-            hf_gate, "e_score_correction_bias"
-        ):
+        hf_bias = hasattr(hf_gate, "e_score_correction_bias") or hasattr(
+            wrapper._hf_skeleton, "e_score_correction_bias"
+        )
+        if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor) and not hf_bias:
             router.e_score_correction_bias = torch.zeros(router.e_score_correction_bias.shape, device=device)
     _load_dense(model, idx, blocks, checker, dtype, device, progress)
     model.eval()
@@ -336,7 +356,7 @@ def _load_dense(
 ) -> None:
     """Loads every non-expert tensor onto the device and checks nothing stays on meta."""
     model_keys = set(model.state_dict().keys())
-    mapping = _map_names(idx, blocks, model_keys)
+    mapping = _map_names(idx, blocks, model_keys, _hf_renaming(str(getattr(model.config, "model_type", ""))))
     items = sorted(mapping.items())
     if progress:
         from tqdm import tqdm
