@@ -107,6 +107,18 @@ def family_options(family: str, dim: int, layers: int) -> dict[str, object]:
         "mellum": dict(num_experts=16, num_experts_per_tok=4, **moe_width),
         "minimax_m2": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
         "granitemoe_swa": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=dim),
+        "granitemoehybrid": dict(
+            num_local_experts=16,
+            num_experts_per_tok=2,
+            intermediate_size=dim,
+            shared_intermediate_size=2 * dim,
+            mamba_n_heads=4,
+            mamba_d_head=dim // 2,
+            mamba_expand=2,
+            mamba_n_groups=1,
+            mamba_d_state=8,
+            layer_types=["mamba" if i % 2 == 0 else "attention" for i in range(layers)],
+        ),  # fmt: skip
         "qwen3_5_moe_text": dict(
             num_experts=16,
             num_experts_per_tok=4,
@@ -128,6 +140,7 @@ FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "minimax",
     "qwen3_next", "jamba", "granitemoe", "granitemoeshared", "phimoe", "gpt_oss", "exaone_moe", "minicpm5_moe",
     "solar_open", "mellum", "minimax_m2", "granitemoe_swa", "qwen3_5_moe_text",
+    "granitemoehybrid",
 )  # fmt: skip
 
 

@@ -185,6 +185,11 @@ def tiny_config(family: str) -> Any:
             head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
             linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"], **_COMMON,
         )  # fmt: skip
+    if family == "granitemoehybrid":
+        return t.GraniteMoeHybridConfig(
+            num_local_experts=6, num_experts_per_tok=2, shared_intermediate_size=40, mamba_n_heads=4, mamba_d_head=16,
+            mamba_expand=2, mamba_n_groups=1, mamba_d_state=8, layer_types=["mamba", "attention"], **_COMMON,
+        )  # fmt: skip
     if family == "mellum":
         return t.MellumConfig(
             num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False, head_dim=8, **_COMMON
@@ -218,6 +223,7 @@ BLOCK_CLASSES = {
     "minicpm5_moe": ("minicpm5_moe", "MiniCPM5MoeMoE"),
     "solar_open": ("solar_open", "SolarOpenMoE"),
     "mellum": ("mellum", "MellumSparseMoeBlock"),
+    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridMoE"),
     "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock"),
     "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock"),
     "minimax_m2": ("minimax_m2", "MiniMaxM2SparseMoeBlock"),

@@ -42,6 +42,7 @@ EXPECTED_BLOCKS = {
     "minimax_m2": 2,
     "granitemoe_swa": 2,
     "qwen3_5_moe": 2,
+    "granitemoehybrid": 2,
 }
 
 

@@ -219,7 +219,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("Jamba", ("JambaSparseMoeBlock",), "topk", _unnormalised_topk_router, router_attr="router"),
     FamilySpec(
         "Granite-MoE",
-        ("GraniteMoeMoE", "GraniteMoeSharedMoE", "GraniteMoeSWAMoE"),
+        ("GraniteMoeMoE", "GraniteMoeSharedMoE", "GraniteMoeSWAMoE", "GraniteMoeHybridMoE"),
         "topk",
         _normalised_topk_router,
         router_attr="router",
