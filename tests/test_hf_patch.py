@@ -203,3 +203,23 @@ def test_a_known_unsupported_block_is_refused_with_its_reason() -> None:
     assert model[0] is block
     with pytest.raises(TypeError, match="Llama 4 scales"):
         patch(model, strict=True)
+
+
+def test_jetmoe_blocks_without_an_experts_module_are_still_reported() -> None:
+    """JetMoE's MoE MLP has no `experts` attribute: known by class name, it is reported, not silently kept."""
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.JetMoeConfig(
+            hidden_size=32,
+            intermediate_size=24,
+            kv_channels=8,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            vocab_size=64,
+        )  # fmt: skip
+    )
+    reasons = {r.block_class: r.reason for r in scan(model)}
+    assert "JetMoeMoE" in reasons and "output bias" in str(reasons["JetMoeMoE"])
+    with pytest.warns(UserWarning, match="JetMoeMoE"):
+        assert patch(model) == 0

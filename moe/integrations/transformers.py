@@ -280,6 +280,9 @@ REFUSED_BLOCKS: dict[str, str] = {
     "ErgoMoE": "its experts use ReLU^2 (ReLUSquaredActivation); moe.MoE experts are SwiGLU",
     "SwitchTransformersSparseMLP": "encoder-decoder Switch MLP with capacity-limited top-1 and dense experts "
     "(ReLU, no gate); moe.MoE experts are SwiGLU",
+    "JetMoeMoE": "JetMoE's MoE MLP keeps its experts as input_linear / output_linear (no `experts` module) and "
+    "adds a learned output bias after the experts; not mapped onto moe.MoE yet",
+    "JetMoeMoA": "JetMoE's mixture-of-attention-heads routes attention projections, not MLPs; moe.MoE is an MLP layer",
     "NllbMoeSparseMLP": "NLLB's capacity-limited top-2 with its second-expert policy and ReLU experts; "
     "moe.MoE experts are SwiGLU",
 }
