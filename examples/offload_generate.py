@@ -119,6 +119,9 @@ def family_options(family: str, dim: int, layers: int) -> dict[str, object]:
             mamba_d_state=8,
             layer_types=["mamba" if i % 2 == 0 else "attention" for i in range(layers)],
         ),  # fmt: skip
+        "ernie4_5_moe": dict(
+            num_experts=16, num_experts_per_tok=4, moe_num_shared_experts=1, moe_layer_start_index=1, **moe_width
+        ),  # fmt: skip
         "qwen3_5_moe_text": dict(
             num_experts=16,
             num_experts_per_tok=4,
@@ -140,7 +143,7 @@ FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "minimax",
     "qwen3_next", "jamba", "granitemoe", "granitemoeshared", "phimoe", "gpt_oss", "exaone_moe", "minicpm5_moe",
     "solar_open", "mellum", "minimax_m2", "granitemoe_swa", "qwen3_5_moe_text",
-    "granitemoehybrid",
+    "granitemoehybrid", "ernie4_5_moe",
 )  # fmt: skip
 
 

@@ -190,6 +190,11 @@ def tiny_config(family: str) -> Any:
             num_local_experts=6, num_experts_per_tok=2, shared_intermediate_size=40, mamba_n_heads=4, mamba_d_head=16,
             mamba_expand=2, mamba_n_groups=1, mamba_d_state=8, layer_types=["mamba", "attention"], **_COMMON,
         )  # fmt: skip
+    if family == "ernie4_5_moe":
+        return t.Ernie4_5_MoeConfig(
+            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, moe_num_shared_experts=1,
+            moe_layer_start_index=1, **_COMMON,
+        )  # fmt: skip
     if family == "mellum":
         return t.MellumConfig(
             num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False, head_dim=8, **_COMMON
@@ -223,6 +228,7 @@ BLOCK_CLASSES = {
     "minicpm5_moe": ("minicpm5_moe", "MiniCPM5MoeMoE"),
     "solar_open": ("solar_open", "SolarOpenMoE"),
     "mellum": ("mellum", "MellumSparseMoeBlock"),
+    "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock"),
     "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridMoE"),
     "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock"),
     "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock"),
@@ -254,7 +260,7 @@ def hf_routing(block: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torc
 
         spec = spec_for(block)
         gate = getattr(block, spec.router_attr)  # "gate" or "router" (Granite)
-        extra = (block.e_score_correction_bias,) if spec.bias_on_block else ()  # MiniMax-M2: the block's bias
+        extra = (block.e_score_correction_bias,) if spec.bias_holder == "" else ()  # MiniMax-M2: the block's bias
         _, weights, ids = gate(x_TD, *extra)
         return weights, ids
     gate = block.gate

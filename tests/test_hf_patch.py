@@ -43,6 +43,7 @@ EXPECTED_BLOCKS = {
     "granitemoe_swa": 2,
     "qwen3_5_moe": 2,
     "granitemoehybrid": 2,
+    "ernie4_5_moe": 1,
 }
 
 

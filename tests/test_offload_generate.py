@@ -217,10 +217,14 @@ def _save_tiny(family: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[s
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
-    with torch.no_grad():  # GPT-OSS: non-zero expert and router biases, so offload must carry them
+    with torch.no_grad():  # non-zero expert / router biases (GPT-OSS) and selection biases: offload must carry them
         for name, param in model.named_parameters():
             if name.endswith(("_proj_bias", "router.bias")):
                 param.copy_(torch.randn_like(param) * 0.2)
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn_like(bias) * 0.1)
     path = str(tmp_path_factory.mktemp(family))
     model.save_pretrained(path)
     full = transformers.AutoModelForCausalLM.from_pretrained(path).eval()

@@ -30,6 +30,7 @@ __all__ = [
     "gpt_oss_weights",
     "interleave",
     "deinterleave",
+    "bias_holder",
     "read_option",
     "check_silu",
 ]
@@ -132,6 +133,17 @@ def _minimax_m2_router(block: nn.Module) -> RouterConfig:
     return AuxFreeConfig(score_func="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True)
 
 
+def _ernie_router(block: nn.Module) -> RouterConfig:
+    # softmax scores, top-k on score + e_score_correction_bias (gate.moe_statics), the selected scores
+    # renormalised (HF clamps the sum at moe_norm_min; a top-k softmax sum is >= K/E, far above it).
+    norm_min = float(read_option(block, "moe_norm_min", "norm_min", default=1e-12))
+    if norm_min > 1e-6:
+        raise TypeError(f"{type(block).__name__}: moe_norm_min={norm_min} can clamp the renormaliser; ours has none")
+    if read_option(block, "use_bias", default=False):
+        raise TypeError(f"{type(block).__name__}: use_bias=True gives its shared experts biases; ours have none")
+    return AuxFreeConfig(score_func="softmax", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True)
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """How one HF family's sparse MoE block maps onto moe.MoE.
@@ -153,8 +165,9 @@ class FamilySpec:
         activation: "swiglu", or "swiglu_oai" (GPT-OSS: clamped SwiGLU, interleaved gate/up, biases).
         rounds_weights: HF's router returns the gate weights in the model dtype (Qwen, OLMoE,
             Jamba, Granite); Mixtral and MiniMax return them in fp32. Used by routing_dtype="model".
-        bias_on_block: the e_score_correction_bias buffer sits on the block itself, not on its
-            router (MiniMax-M2).
+        bias_holder: dotted path from the block to the module holding e_score_correction_bias,
+            None for the router itself: "" (the block, MiniMax-M2) or "gate.moe_statics" (ERNIE 4.5,
+            a [1, E] parameter).
     """
 
     family: str
@@ -169,7 +182,7 @@ class FamilySpec:
     rounds_weights: bool = True
     activation: str = "swiglu"
     returns_tuple: bool = False
-    bias_on_block: bool = False
+    bias_holder: str | None = None
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -272,11 +285,28 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_expert="shared_expert",
         shared_expert_gate="shared_expert_gate",
     ),
-    FamilySpec("MiniMax-M2", ("MiniMaxM2SparseMoeBlock",), "aux_free", _minimax_m2_router, bias_on_block=True),
+    FamilySpec("MiniMax-M2", ("MiniMaxM2SparseMoeBlock",), "aux_free", _minimax_m2_router, bias_holder=""),
+    FamilySpec(
+        "ERNIE-4.5-MoE",
+        ("Ernie4_5_MoeSparseMoeBlock",),
+        "aux_free",
+        _ernie_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+        bias_holder="gate.moe_statics",
+    ),
 )
 
 SPECS_BY_CLASS: dict[str, FamilySpec] = {name: spec for spec in FAMILIES for name in spec.block_classes}
 SUPPORTED_BLOCKS: tuple[str, ...] = tuple(SPECS_BY_CLASS)
+
+
+def bias_holder(block: nn.Module, spec: FamilySpec) -> nn.Module:
+    """The module of `block` that holds the family's e_score_correction_bias (see FamilySpec.bias_holder)."""
+    if spec.bias_holder is None:
+        holder: nn.Module = getattr(block, spec.router_attr)
+        return holder
+    return block.get_submodule(spec.bias_holder)
 
 
 def spec_for(block: nn.Module) -> FamilySpec:

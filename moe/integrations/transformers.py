@@ -16,9 +16,10 @@ GPT-OSS (router bias, softmax over the top-k logits; experts with biases and the
 "swiglu_oai" activation, interleaved gate/up columns de-interleaved on the way in; one device, no fused kernel),
 EXAONE-MoE, MiniCPM5-MoE and Solar-Open (GLM-4.5 routing), Mellum (Qwen3-MoE routing), Qwen3-VL-MoE
 text and Qwen3.5-MoE (Mixtral routing; Qwen3.5 with a gated shared expert), MiniMax-M2 (sigmoid +
-bias top-k, renormalised; the bias lives on the block), Granite-MoE-SWA (Granite).
+bias top-k, renormalised; the bias lives on the block), ERNIE 4.5 MoE (softmax + bias top-k,
+renormalised; the bias is a [1, E] parameter in gate.moe_statics), Granite-MoE-SWA and -Hybrid (Granite).
 Blocks that hold `experts` but are not one of these are left untouched with a warning naming the
-block and the reason (REFUSED_BLOCKS: known and why, e.g. Llama 4; other classes: unverified math).
+block and the reason (REFUSED_BLOCKS: known and why, e.g. Llama 4, JetMoE; other classes: unverified math).
 transformers itself is never imported: blocks are recognised by class name (moe.integrations.hf_families).
 
 After patch(): output_router_logits=True works (our blocks hand HF's output collector the router
@@ -53,6 +54,7 @@ from moe.integrations.hf_families import (
     PER_EXPERT_NAMES,
     SUPPORTED_BLOCKS,
     FamilySpec,
+    bias_holder,
     check_silu,
     expert_weights,
     interleave,
@@ -166,9 +168,9 @@ def _build(
     _copy_into(_tensor(layer.router, "weight"), router_weight)
     if getattr(router_config, "bias", False):
         _copy_into(_tensor(layer.router, "bias"), gate.bias)
-    bias = getattr(block if spec.bias_on_block else gate, "e_score_correction_bias", None)
-    if spec.router == "aux_free" and isinstance(bias, torch.Tensor):
-        _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float())  # the bias stays fp32 in any dtype
+    bias = getattr(bias_holder(block, spec), "e_score_correction_bias", None)
+    if spec.router == "aux_free" and isinstance(bias, torch.Tensor):  # the bias stays fp32 in any dtype
+        _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float().reshape(-1))
     if shared is not None:
         assert layer.shared_experts is not None
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -271,8 +273,6 @@ class HFMoEBlock(nn.Module):
 REFUSED_BLOCKS: dict[str, str] = {
     "Llama4TextMoe": "Llama 4 scales each expert's input by its sigmoid gate (routed_in = x * score), not the "
     "expert's output; with nonlinear experts moe.MoE's output weighting is a different function",
-    "Ernie4_5_MoeSparseMoeBlock": "ERNIE 4.5's router keeps its selection bias as a [1, E] parameter in "
-    "gate.moe_statics and clamps the renormaliser at moe_norm_min; not mapped onto our routers yet",
     "Ernie4_5_VLMoeSparseMoeBlock": "ERNIE 4.5 VL routes text and vision tokens to separate expert sets; not "
     "mapped onto our routers",
     "HunYuanMoEV1Moe": "HunYuan's gate (gate.wg, per-layer expert counts and top-k) is not mapped onto our routers yet",
@@ -442,10 +442,13 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
     _assign(gate, "weight", _tensor(layer.router, "weight"), written)
     if isinstance(getattr(gate, "bias", None), torch.Tensor):
         _assign(gate, "bias", _tensor(layer.router, "bias"), written)
-    bias_holder = block if spec.bias_on_block else gate
-    if isinstance(getattr(bias_holder, "e_score_correction_bias", None), torch.Tensor):
-        _assign(bias_holder, "e_score_correction_bias", _tensor(layer.router, "e_score_correction_bias"), written)
-    if spec.shared_expert:
+    holder = bias_holder(block, spec)
+    if isinstance(getattr(holder, "e_score_correction_bias", None), torch.Tensor):
+        ours = _tensor(layer.router, "e_score_correction_bias")  # [E]; ERNIE keeps [1, E]
+        _assign(
+            holder, "e_score_correction_bias", ours.reshape(_tensor(holder, "e_score_correction_bias").shape), written
+        )
+    if spec.shared_expert and getattr(block, spec.shared_expert) is not None:  # ERNIE may have none
         assert layer.shared_experts is not None
         shared = getattr(block, spec.shared_expert)
         for proj in ("gate_proj", "up_proj", "down_proj"):

@@ -81,6 +81,7 @@ def _block_renames(block_name: str, spec: Any) -> dict[str, str]:
         f"{router}.e_score_correction_bias": "moe.router.e_score_correction_bias",
         f"{router}.bias": "moe.router.bias",  # GPT-OSS
         "e_score_correction_bias": "moe.router.e_score_correction_bias",  # MiniMax-M2: on the block
+        "gate.moe_statics.e_score_correction_bias": "moe.router.e_score_correction_bias",  # ERNIE 4.5 ([1, E])
         # On-disk router names that transformers 5.x renames on load: PhiMoE's gate, Granite's router.layer.
         "gate.weight": "moe.router.weight",
         "router.layer.weight": "moe.router.weight",
@@ -116,11 +117,14 @@ def _map_names(
     mapping: dict[str, str] = {}
     unknown = []
     for name in idx.others:
-        target = name if name in model_keys else rename(name) if rename(name) in model_keys else None
+        renamed = rename(name)  # transformers' own load-time renames (e.g. MiniCPM5's q_gate_proj)
+        target = name if name in model_keys else renamed if renamed in model_keys else None
         for layer, (block_name, spec) in blocks.items():
             prefix = idx.prefixes.get(layer, block_name)
             if name.startswith(prefix + "."):
                 inner = _block_renames(block_name, spec).get(name[len(prefix) + 1 :])
+                if inner is None and renamed.startswith(block_name + "."):  # e.g. ERNIE's moe_statics
+                    inner = _block_renames(block_name, spec).get(renamed[len(block_name) + 1 :])
                 target = f"{block_name}.{inner}" if inner is not None else None
                 break
         if target is None or target not in model_keys:
@@ -215,7 +219,7 @@ def load(
     )
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moe.integrations.hf_families import SUPPORTED_BLOCKS, spec_for
+    from moe.integrations.hf_families import SUPPORTED_BLOCKS, bias_holder, spec_for
     from moe.integrations.transformers import patch
 
     device = torch.device(device)
@@ -286,11 +290,8 @@ def load(
 
     for name, spec in blocks.values():  # DeepSeek-V2's HF router has no bias: ours is a fixed zero
         wrapper = model.get_submodule(name)
-        hf_gate = getattr(wrapper._hf_skeleton, spec.router_attr, None)
         router = wrapper.moe.router
-        hf_bias = hasattr(hf_gate, "e_score_correction_bias") or hasattr(
-            wrapper._hf_skeleton, "e_score_correction_bias"
-        )
+        hf_bias = hasattr(bias_holder(wrapper._hf_skeleton, spec), "e_score_correction_bias")
         if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor) and not hf_bias:
             router.e_score_correction_bias = torch.zeros(router.e_score_correction_bias.shape, device=device)
     _load_dense(model, idx, blocks, checker, dtype, device, progress)
@@ -367,6 +368,8 @@ def _load_dense(
     for ckpt_name, model_name in items:
         value = reader.tensor((idx.others[ckpt_name], ckpt_name))
         want = current[model_name]
+        if model_name.endswith("e_score_correction_bias") and value.numel() == want.numel():
+            value = value.reshape(want.shape)  # ERNIE 4.5 keeps it as [1, E]
         if tuple(value.shape) != tuple(want.shape):
             raise CheckpointError(
                 f"config does not match weights: {ckpt_name} is {tuple(value.shape)} in the checkpoint, "
