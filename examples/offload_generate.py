@@ -5,6 +5,8 @@
     python examples/offload_generate.py            # no --model: a small random Mixtral, saved first
     python examples/offload_generate.py --prompts-file prompts.txt --batch-size 8 --scheduler regroup
     python examples/offload_generate.py --expert-quant int4   # experts quantized: 4.5 bits a weight moved
+    python examples/offload_generate.py --family gpt_oss --tiny --check   # any supported family; --check
+                                                   # compares the tokens with the model fully in memory
 
 Attention, embeddings and routers sit on --device; routed experts stream from the safetensors
 shards through RAM into a device cache of --expert-cache-gb. Ends with tokens/s, hit rate, bytes
@@ -27,30 +29,146 @@ import torch
 
 import moe.offload as mo
 
+# Routed-expert options per family (transformers model_type), for a random model of width D.
+# Every family moe.integrations.transformers.patch supports; the DeepSeek-style ones keep layer 0 dense.
+# DeepSeek attention (MLA: as many key/value heads as query heads)
+_MLA = dict(
+    q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, head_dim=16
+)
+_GROUPED = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1)
 
-def build_random_model(path: str, family: str, seed: int = 0) -> None:
-    """A small random MoE model (byte-level vocab) saved with save_pretrained."""
-    import transformers
 
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=256, hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512,
-    )  # fmt: skip
-    families = {
-        "mixtral": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=512),
+def family_options(family: str, dim: int, layers: int) -> dict[str, object]:
+    """config kwargs (beyond the common sizes) of a random `family` model with 16 experts of width dim."""
+    moe_width = dict(moe_intermediate_size=dim, intermediate_size=2 * dim)
+    families: dict[str, dict[str, object]] = {
+        "mixtral": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
         "qwen2_moe": dict(
+            num_experts=16, num_experts_per_tok=4, shared_expert_intermediate_size=2 * dim, **moe_width
+        ),  # fmt: skip
+        "qwen3_moe": dict(num_experts=16, num_experts_per_tok=4, **moe_width),
+        "olmoe": dict(num_experts=16, num_experts_per_tok=2, intermediate_size=dim),
+        "deepseek_v3": dict(
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            kv_lora_rank=dim // 4,
+            **_GROUPED,
+            **_MLA,
+            **moe_width,
+        ),  # fmt: skip
+        "deepseek_v2": dict(
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            routed_scaling_factor=2.0,
+            first_k_dense_replace=1,
+            kv_lora_rank=dim // 4,
+            **_MLA,
+            **moe_width,
+        ),  # fmt: skip
+        "glm4_moe": dict(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, **_GROUPED, **moe_width),
+        "dots1": dict(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, **_GROUPED, **moe_width),
+        "minimax": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
+        "qwen3_next": dict(
             num_experts=16,
             num_experts_per_tok=4,
-            moe_intermediate_size=256,
-            shared_expert_intermediate_size=512,
-            intermediate_size=512,
+            shared_expert_intermediate_size=2 * dim,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            **moe_width,
         ),  # fmt: skip
-        "qwen3_moe": dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256, intermediate_size=512),
+        "jamba": dict(
+            num_experts=16,
+            num_experts_per_tok=2,
+            intermediate_size=2 * dim,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=4,
+            mamba_dt_rank=8,
+            use_mamba_kernels=False,
+        ),  # fmt: skip
+        "granitemoe": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=dim),
+        "granitemoeshared": dict(
+            num_local_experts=16, num_experts_per_tok=2, intermediate_size=dim, shared_intermediate_size=2 * dim
+        ),  # fmt: skip
+        "phimoe": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
+        "gpt_oss": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
+        "exaone_moe": dict(num_experts=16, num_experts_per_tok=4, num_shared_experts=1, **_GROUPED, **moe_width),
+        "minicpm5_moe": dict(
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            **_GROUPED,
+            **moe_width,
+            mlp_layer_types=["dense"] + ["sparse"] * (layers - 1),
+        ),  # fmt: skip
+        "solar_open": dict(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, **_GROUPED, **moe_width),
+        "mellum": dict(num_experts=16, num_experts_per_tok=4, **moe_width),
+        "minimax_m2": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=2 * dim),
+        "granitemoe_swa": dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=dim),
+        "granitemoehybrid": dict(
+            num_local_experts=16,
+            num_experts_per_tok=2,
+            intermediate_size=dim,
+            shared_intermediate_size=2 * dim,
+            mamba_n_heads=4,
+            mamba_d_head=dim // 2,
+            mamba_expand=2,
+            mamba_n_groups=1,
+            mamba_d_state=8,
+            layer_types=["mamba" if i % 2 == 0 else "attention" for i in range(layers)],
+        ),  # fmt: skip
+        "ernie4_5_moe": dict(
+            num_experts=16, num_experts_per_tok=4, moe_num_shared_experts=1, moe_layer_start_index=1, **moe_width
+        ),  # fmt: skip
+        "qwen3_5_moe_text": dict(
+            num_experts=16,
+            num_experts_per_tok=4,
+            shared_expert_intermediate_size=2 * dim,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            **moe_width,
+        ),  # fmt: skip
     }
     if family not in families:
         raise SystemExit(f"--family must be one of {sorted(families)}, got {family!r}")
-    cfg = transformers.AutoConfig.for_model(family, **common, **families[family])
+    return families[family]
+
+
+FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "minimax",
+    "qwen3_next", "jamba", "granitemoe", "granitemoeshared", "phimoe", "gpt_oss", "exaone_moe", "minicpm5_moe",
+    "solar_open", "mellum", "minimax_m2", "granitemoe_swa", "qwen3_5_moe_text",
+    "granitemoehybrid", "ernie4_5_moe",
+)  # fmt: skip
+
+
+def build_random_model(path: str, family: str, seed: int = 0, tiny: bool = False) -> None:
+    """A small random MoE model (byte-level vocab) saved with save_pretrained.
+
+    tiny=True: D = 32, 3 layers and a wider weight init (decisive routing, so the offloaded and
+    in-memory models cannot pick different experts on an fp32 near-tie), for fast checks.
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    dim, layers = (32, 3) if tiny else (256, 8)
+    common = dict(
+        vocab_size=256, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512,
+    )  # fmt: skip
+    if tiny:
+        common.update(initializer_range=0.2, head_dim=dim // 4)
+    cfg = transformers.AutoConfig.for_model(family, **{**common, **family_options(family, dim, layers)})
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
 
 
@@ -74,10 +192,16 @@ class ByteStreamer:
         sys.stdout.write("\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="transformers model directory (config.json + safetensors)")
-    p.add_argument("--family", default="mixtral", help="random model family when --model is not given")
+    p.add_argument(
+        "--family", default="mixtral", choices=FAMILIES, help="random model family when --model is not given"
+    )
+    p.add_argument("--tiny", action="store_true", help="with --family: a 3-layer D=32 model (fast checks)")
+    p.add_argument(
+        "--check", action="store_true", help="also generate with the model fully in memory and compare the tokens"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--expert-cache-gb", type=float, help="device GiB for experts (default: 25%% of all experts)")
     p.add_argument("--ram-cache-gb", type=float, help="RAM tier GiB (default: unlimited; 0 streams from disk)")
@@ -105,7 +229,7 @@ def main() -> None:
         help="quantize the routed experts (moe.quant): every tier holds and moves the quantized bytes",
     )
     p.add_argument("--expert-quant-group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else None
     scheduler = None
     if prompts is not None:  # bad values fail here, before a model is built
@@ -122,7 +246,7 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         model_dir = os.path.join(tmp.name, "random-moe")
         print(f"no --model: building a random {args.family} model in {model_dir}", file=sys.stderr)
-        build_random_model(model_dir, args.family)
+        build_random_model(model_dir, args.family, tiny=args.tiny)
 
     quant = None if args.expert_quant == "none" else args.expert_quant
     total_experts, expert_bytes, layers = _expert_sizes(model_dir, quant, args.expert_quant_group_size)
@@ -188,6 +312,8 @@ def main() -> None:
     )
     print_timeline(om, trace, seconds, new_tokens, max(per_layer, 1), args)
     om.close()
+    if args.check:
+        check_in_memory(model_dir, ids, out, args, dtype)
     if tmp is not None:
         tmp.cleanup()
 
@@ -273,13 +399,33 @@ def print_timeline(
     )
 
 
+def check_in_memory(
+    model_dir: str, ids: torch.Tensor, out: torch.Tensor, args: argparse.Namespace, dtype: torch.dtype | None
+) -> None:
+    """Greedy tokens of the model loaded whole by transformers (unpatched, in memory) against the
+    offloaded run's; exits with status 1 if they differ."""
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").eval().to(args.device)
+    with torch.no_grad():
+        expected = full.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    same = expected.shape == out.shape and bool(torch.equal(expected.cpu(), out.cpu()))
+    print(f"tokens equal to the in-memory model: {'yes' if same else 'NO'}", file=sys.stderr)
+    if not same:
+        raise SystemExit(1)
+
+
 def _expert_sizes(model_dir: str, quant: str | None = None, group_size: int = 64) -> tuple[int, int, int]:
     """(total routed experts, bytes of one expert in the checkpoint dtype or quantized with `quant`,
     MoE layers), from headers only."""
+    import json
+
     from moe.offload.checkpoint import ShardReader, index_experts, shard_files
     from moe.quant import quantized_expert_bytes
 
-    idx = index_experts(shard_files(model_dir))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        layout = "gpt_oss" if json.load(f).get("model_type") == "gpt_oss" else "hf"
+    idx = index_experts(shard_files(model_dir), layout=layout)
     if not idx.experts:
         raise SystemExit(f"{model_dir} has no routed-expert tensors")
     reader = ShardReader()

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import load_script
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +43,17 @@ def test_example_expert_quant_moves_quantized_bytes() -> None:
     assert moved is not None
     copies = int(moved.group(2)) + int(moved.group(3))
     assert copies > 0 and float(moved.group(1)) == pytest.approx(copies * each, rel=0.01)
+
+
+example = load_script("examples/offload_generate.py", "offload_generate_example")
+
+
+@pytest.mark.parametrize("family", example.FAMILIES)
+def test_every_family_offloaded_gives_the_in_memory_tokens(family: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`offload_generate.py --family NAME --tiny --check` for every family patch() supports, in process
+    (one interpreter: the imports dominate a subprocess per family)."""
+    torch.set_num_threads(1)
+    example.main(["--family", family, "--tiny", "--check", "--device", "cpu", "--max-new-tokens", "6"])
+    err = capsys.readouterr().err
+    assert "tokens equal to the in-memory model: yes" in err
+    assert re.search(r"hit rate [\d.]+", err)

@@ -20,7 +20,7 @@ from torch import nn
 
 from moe import quant
 from moe.config import positional_deprecated
-from moe.experts import ExpertsBase, expert_mlp
+from moe.experts import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, ExpertsBase, expert_mlp
 from moe.offload.cache import Residency
 from moe.offload.cost import CostModel
 from moe.offload.engine import MIN_CONFIDENCE, CacheEngine, link_budget
@@ -137,7 +137,7 @@ class OffloadRuntime:
         config: OffloadConfig.
         routers: router module of each MoE layer, in order (lookahead prefetch and predictive scores).
         num_experts: E of each MoE layer.
-        activation: expert activation ("swiglu" or "gelu").
+        activation: expert activation ("swiglu", "swiglu_oai" or "gelu").
         cost: measured speeds for miss="auto" on an accelerator (None: measured on first need).
 
     Raises:
@@ -152,9 +152,13 @@ class OffloadRuntime:
         num_experts: list[int],
         activation: str = "swiglu",
         cost: CostModel | None = None,
+        *,
+        swiglu_alpha: float = SWIGLU_OAI_ALPHA,
+        swiglu_limit: float = SWIGLU_OAI_LIMIT,
     ) -> None:
         self.store, self.config, self.routers, self.num_experts = store, config, routers, num_experts
         self.activation, self.cost = activation, cost
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit  # of activation="swiglu_oai" (GPT-OSS)
         self.num_layers = len(routers)
         if len(num_experts) != self.num_layers:
             raise ValueError(f"num_experts has {len(num_experts)} entries for {self.num_layers} MoE layers (routers)")
@@ -264,8 +268,17 @@ class OffloadRuntime:
             self.layer_seconds = dt if self.layer_seconds == 0.0 else 0.9 * self.layer_seconds + 0.1 * dt
         self._last_layer_start = now
 
-    def run_layer(self, layer: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Experts of `layer` on rows sorted by expert; same contract as Experts.forward."""
+    def run_layer(
+        self,
+        layer: int,
+        x_ND: torch.Tensor,
+        counts_E: torch.Tensor,
+        b_in_EF: torch.Tensor | None = None,
+        b_out_ED: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Experts of `layer` on rows sorted by expert; same contract as Experts.forward.
+
+        b_in_EF, b_out_ED: the layer's expert biases (GPT-OSS), resident on the device, or None."""
         self._tick()
         counts = [int(c) for c in counts_E.tolist()]
         starts = [0]
@@ -286,14 +299,15 @@ class OffloadRuntime:
                     if (layer, e) in self.residency:
                         self.residency.evict((layer, e))
                     raise
-                y_ND[rows] = self._mlp(x_ND[rows], w_in, w_out)
+                y_ND[rows] = self._mlp(x_ND[rows], w_in, w_out, _row(b_in_EF, e), _row(b_out_ED, e))
             elif self.config.miss_quant is not None:
                 q_in, q_out = self._low_copy((layer, e), x_ND.device)
                 y_ND[rows] = self._mlp(x_ND[rows], q_in, q_out)
             else:
                 w_in, w_out = self.store.shapes[layer].views(self.store.host((layer, e)))
                 self.cpu_rows += counts[e]
-                y_ND[rows] = self._mlp(x_ND[rows].cpu(), w_in, w_out).to(x_ND.device)
+                b_in, b_out = _row(b_in_EF, e, "cpu"), _row(b_out_ED, e, "cpu")
+                y_ND[rows] = self._mlp(x_ND[rows].cpu(), w_in, w_out, b_in, b_out).to(x_ND.device)
         return y_ND
 
     def _low_copy(self, key: Key, device: torch.device) -> tuple[QuantizedWeight, QuantizedWeight]:
@@ -309,13 +323,29 @@ class OffloadRuntime:
         return copy
 
     def _mlp(
-        self, x_ND: torch.Tensor, w_in_DF: torch.Tensor | QuantizedWeight, w_out_HD: torch.Tensor | QuantizedWeight
+        self,
+        x_ND: torch.Tensor,
+        w_in_DF: torch.Tensor | QuantizedWeight,
+        w_out_HD: torch.Tensor | QuantizedWeight,
+        b_in_F: torch.Tensor | None = None,
+        b_out_D: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if isinstance(w_in_DF, QuantizedWeight) and isinstance(w_out_HD, QuantizedWeight):
+            # load() refuses quantized experts with biases or GPT-OSS's clamped SwiGLU: none here.
             self._note_quant_path(x_ND.device)
             return quantized_mlp_one(x_ND, w_in_DF, w_out_HD, self.activation)
         assert isinstance(w_in_DF, torch.Tensor) and isinstance(w_out_HD, torch.Tensor)
-        return expert_mlp(x_ND, w_in_DF, w_out_HD, None, self.activation)
+        return expert_mlp(
+            x_ND,
+            w_in_DF,
+            w_out_HD,
+            None,
+            self.activation,
+            b_in=b_in_F,
+            b_out=b_out_D,
+            alpha=self.swiglu_alpha,
+            limit=self.swiglu_limit,
+        )
 
     def _note_quant_path(self, device: torch.device) -> None:
         """Records (and, for the fallback, warns once per device type) how quantized experts run."""
@@ -344,6 +374,13 @@ class OffloadRuntime:
         self.store.close()
 
 
+def _row(bias_EX: torch.Tensor | None, e: int, device: str | None = None) -> torch.Tensor | None:
+    """Expert e's bias row (on `device` if given), or None without biases."""
+    if bias_EX is None:
+        return None
+    return bias_EX[e] if device is None else bias_EX[e].to(device)
+
+
 class OffloadedExperts(ExpertsBase):
     """Experts whose weights stay in the runtime's store; forward(x_sorted, counts) -> y_sorted.
 
@@ -352,6 +389,10 @@ class OffloadedExperts(ExpertsBase):
 
     `w_in` / `w_out` are zero-stride stand-ins with the right shape, dtype and device (MoE checks
     the input against them); the real weights are only ever in the store's tiers.
+
+    b_in [E, F] / b_out [E, D] (GPT-OSS's expert biases), if given, stay resident on the device like
+    the routers: they are E * (F + D) elements a layer, about 1 / D of the experts' bytes, so
+    streaming them through the store would cost a transfer each for nothing.
     """
 
     def __init__(
@@ -363,14 +404,28 @@ class OffloadedExperts(ExpertsBase):
         hidden_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        b_in: torch.Tensor | None = None,
+        b_out: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.runtime, self.layer = runtime, layer
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
-        self.width = 2 * hidden_dim if runtime.activation == "swiglu" else hidden_dim
+        self.width = 2 * hidden_dim if runtime.activation in ("swiglu", "swiglu_oai") else hidden_dim
         self.register_buffer("anchor", torch.zeros(1, 1, 1, dtype=dtype, device=device), persistent=False)
+        if (b_in is None) != (b_out is None):
+            raise ValueError("OffloadedExperts: give both b_in and b_out, or neither")
+        if b_in is not None and b_out is not None:
+            want = ((num_experts, self.width), (num_experts, dim))
+            if (tuple(b_in.shape), tuple(b_out.shape)) != want:
+                raise ValueError(
+                    f"OffloadedExperts: biases are {tuple(b_in.shape)} and {tuple(b_out.shape)}, expected {want}"
+                )
+        self.register_buffer("b_in", b_in, persistent=False)
+        self.register_buffer("b_out", b_out, persistent=False)
 
     anchor: torch.Tensor
+    b_in: torch.Tensor | None
+    b_out: torch.Tensor | None
 
     @property
     def w_in(self) -> torch.Tensor:
@@ -384,7 +439,7 @@ class OffloadedExperts(ExpertsBase):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """y_sorted [N, D] for rows x_sorted [N, D] sorted by expert, counts [E]: runs the layer through the cache."""
-        return self.runtime.run_layer(self.layer, x_ND, counts_E)
+        return self.runtime.run_layer(self.layer, x_ND, counts_E, self.b_in, self.b_out)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
