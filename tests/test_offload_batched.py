@@ -347,3 +347,15 @@ def test_example_generates_a_prompts_file_batched(tmp_path: Path) -> None:
     assert "longest wait" in out.stderr and out.stdout.count("[") >= 3
     bad = subprocess.run(cmd + ["--batch-size", "0"], cwd=root, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "batch_size must be >= 1, got 0" in bad.stderr
+
+
+def test_hybrid_models_are_refused_with_a_clear_error() -> None:
+    """Qwen3-Next keeps a linear-attention state beside its KV cache: the padded merge cannot carry
+    it, so batched generation says so instead of failing inside transformers (or dropping it)."""
+    transformers = pytest.importorskip("transformers")
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_next")).eval()
+    with pytest.raises(TypeError, match="hybrid model's recurrent or linear-attention state"):
+        mo.generate_batched(model, [[3, 4, 5]], max_new_tokens=2)

@@ -163,6 +163,28 @@ def test_disk_cache_written_once_then_read_and_checked(model_dir: str, tmp_path)
         mo.load(model_dir, "cpu", config=_config(2, "int4", expert_quant_dir=cache))
 
 
+def test_disk_cache_of_another_model_with_the_same_shapes_is_refused(model_dir: str, tmp_path) -> None:
+    """The cache records a digest of the weights it was quantized from: a model of the same shapes
+    but other weights (another seed, a fine-tune of the experts) must not read it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = str(tmp_path / "other")
+    shutil.copytree(model_dir, other)
+    shard = os.path.join(other, "model.safetensors")
+    state = load_file(shard)
+    for name in [n for n in state if ".experts." in n]:
+        state[name] = state[name] * 1.01
+    save_file(state, shard, metadata={"format": "pt"})
+    cache = str(tmp_path / "qcache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mo.load(model_dir, "cpu", config=_config(2, "int8", expert_quant_dir=cache)).close()
+        with pytest.raises(ValueError, match="source_expert0_sha256"):
+            mo.load(other, "cpu", config=_config(2, "int8", expert_quant_dir=cache))
+
+
 def test_load_keyword_sets_the_config(model_dir: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -156,6 +156,12 @@ def test_measured_preset_reproduces_the_resident_time_it_was_calibrated_on() -> 
             "resident_s_per_token must be > 0",
         ),
         (lambda t: simulate_timeline(t, "lru", 2, SLOW_LINK, min_confidence=1.5), "min_confidence must be"),
+        (
+            lambda t: simulate_timeline(
+                t, "lru", 2, SLOW_LINK, tokens_S=torch.ones(3, dtype=torch.long), rows_SE=torch.ones(3, 8)
+            ),
+            r"tokens_S \(3,\) and rows_SE \(3, 8\) must be",
+        ),
         (lambda t: simulate_timeline(t, "lru", 2, SLOW_LINK, layer_capacities=[2]), "layer_capacities must give"),
         (lambda t: simulate_timeline(t, "lru", 2, SLOW_LINK, layer_capacities=[0, 4]), "layer_capacities must give"),
     ],

@@ -181,7 +181,8 @@ def _requests(prompts: Sequence[Any], vocab: int | None, context: int | None) ->
 
 
 def _stops(value: Any, where: str) -> frozenset[int]:
-    if isinstance(value, int) or not isinstance(value, Collection) or not all(isinstance(t, int) for t in value):
+    is_id = lambda t: isinstance(t, int) and not isinstance(t, bool)  # noqa: E731
+    if isinstance(value, int) or not isinstance(value, Collection) or not all(is_id(t) for t in value):
         raise TypeError(f"{where} must be a collection of token ids (ints), e.g. [2], got {value!r}")
     return frozenset(value)
 
@@ -336,6 +337,17 @@ def _layers_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if any(getattr(layer, "is_sliding", False) for layer in layers):
             raise TypeError(
                 "batched generation: sliding-window KV caches are not supported (the padded merge assumes full ones)"
+            )
+        # Only plain key/value layers: a hybrid model's linear-attention or SSM state (Qwen3-Next,
+        # Jamba, Granite-MoE-Hybrid) is not a padded sequence and would be lost in the merge.
+        from transformers.cache_utils import DynamicLayer
+
+        other = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+        if other:
+            raise TypeError(
+                f"batched generation: {type(cache).__name__} has {', '.join(other)} layers (a hybrid model's "
+                "recurrent or linear-attention state), which the padded KV merge does not carry; "
+                "generate these prompts one at a time with model.generate"
             )
         return [(layer.keys, layer.values) for layer in layers]
     if isinstance(cache, (tuple, list)):

@@ -4,8 +4,8 @@ With `OffloadConfig(expert_quant="int8" | "int4")` every tier holds an expert as
 buffer of its quantized tensors (moe.quant's formats), so the RAM tier, the device cache and
 every host -> device copy carry quantized bytes only, and the budgets (which count
 ExpertStore.expert_bytes) count them too. The expert is dequantized on the device at use
-(moe.quant.quantized_linear: fused on CPU where the C++ op is built, dequantize-then-matmul
-elsewhere, said once in a warning and in OffloadRuntime.quant_path).
+(moe.quant.quantized_matmul: fused on CPU where the C++ op is built, dequantize-then-matmul
+elsewhere, said once in a warning and in OffloadRuntime.quant_paths).
 
 Layout of one expert's buffer (no padding: its length is exactly the quantized bytes):
 
@@ -20,6 +20,7 @@ Shape legend: D model dim, H expert hidden dim, F = 2H (SwiGLU), G int4 group si
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,9 +186,18 @@ def _cache_path(cache_dir: str, layer: int) -> str:
     return os.path.join(cache_dir, f"experts-layer{layer}.safetensors")
 
 
-def _metadata(shape: QuantizedExpertShape, num_experts: int) -> dict[str, str]:
+def _source_digest(read_float: Reader, shape: QuantizedExpertShape, layer: int, dtype: torch.dtype) -> str:
+    """sha256 of expert 0 of `layer` as read from the checkpoint in `dtype`: ties a cache file to
+    the weights it was quantized from (another model of the same shapes would otherwise pass)."""
+    full = torch.empty(shape.dim * shape.width + shape.hidden * shape.dim, dtype=dtype)
+    read_float((layer, 0), full)
+    return hashlib.sha256(full.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _metadata(shape: QuantizedExpertShape, num_experts: int, source: str) -> dict[str, str]:
     return {
         "format": CACHE_FORMAT,
+        "source_expert0_sha256": source,
         "scheme": shape.scheme,
         "group_size": str(shape.group_size),
         "scale_dtype": str(shape.scale_dtype),
@@ -208,59 +218,38 @@ def cached_reader(
     file per MoE layer (experts-layer<l>.safetensors, tensors e<e>.<part>), written here once
     (each expert read with read_float and quantized) where a layer's file is missing.
 
-    An existing file is checked against the settings before anything is read: its metadata
-    (scheme, group size, scale dtype, shapes) and every tensor's shape and dtype in its header.
+    Every existing file is checked before anything is written or read: its metadata (scheme, group
+    size, scale dtype, shapes, and a digest of expert 0 as read from the checkpoint, so a cache
+    of another model of the same shapes is refused) and every tensor's shape and dtype.
 
     Raises:
         ValueError: a cache file of other settings, or whose scales / zero points / data do not
-            have the shapes of this scheme and group size (delete cache_dir, or load with its settings).
+            have the shapes of this scheme and group size, or quantized from other weights
+            (delete cache_dir, or load with its settings).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     os.makedirs(cache_dir, exist_ok=True)
     quantize_read = quantizing_reader(read_float, shapes, dtype)
-    for layer, shape in shapes.items():
+    missing = []
+    for layer, shape in shapes.items():  # check every existing file before writing any missing one
         path = _cache_path(cache_dir, layer)
-        want = _metadata(shape, num_experts[layer])
-        if not os.path.exists(path):  # quantize this layer once, one expert at a time
-            tensors = {}
-            for e in range(num_experts[layer]):
-                flat = torch.empty(shape.numel, dtype=torch.uint8)
-                quantize_read((layer, e), flat)
-                for name, t in shape._tensors(flat).items():
-                    tensors[f"e{e}.{name}"] = t.clone()
-            tmp = path + ".partial"
-            save_file(tensors, tmp, metadata=want)
-            os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache file
+        want = _metadata(shape, num_experts[layer], _source_digest(read_float, shape, layer, dtype))
+        if not os.path.exists(path):
+            missing.append((layer, shape, path, want))
             continue
-        with safe_open(path, framework="pt") as f:
-            have = f.metadata() or {}
-            diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-            if diff:
-                raise ValueError(
-                    f"quantized expert cache {path!r} was written with other settings "
-                    f"({', '.join(f'{k}: {a!r} in the file, {b!r} here' for k, (a, b) in diff.items())}); "
-                    "delete it or load with the settings it was written with"
-                )
-            probe = torch.empty(shape.numel, dtype=torch.uint8)
-            expected = shape._tensors(probe)
-            names = set(f.keys())
-            for e in range(num_experts[layer]):
-                for name, t in expected.items():
-                    key = f"e{e}.{name}"
-                    if key not in names:
-                        raise ValueError(f"quantized expert cache {path!r} lacks {key}; delete it to rebuild")
-                    sl = f.get_slice(key)
-                    got_shape, got_dtype = tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype())
-                    if got_shape != tuple(t.shape) or got_dtype != t.dtype:
-                        raise ValueError(
-                            f"quantized expert cache {path!r}: {key} is {sl.get_dtype()} {got_shape}, "
-                            f"{shape.scheme} with group size {shape.group_size} and {shape.scale_dtype} scales "
-                            f"expects {t.dtype} {tuple(t.shape)} (scales that do not match the weights); "
-                            "delete it to rebuild"
-                        )
-
+        _check_cache_file(path, want, shape, num_experts[layer])
+    for layer, shape, path, want in missing:  # quantize each missing layer once, one expert at a time
+        tensors = {}
+        for e in range(num_experts[layer]):
+            flat = torch.empty(shape.numel, dtype=torch.uint8)
+            quantize_read((layer, e), flat)
+            for name, t in shape._tensors(flat).items():
+                tensors[f"e{e}.{name}"] = t.clone()
+        tmp = path + ".partial"
+        save_file(tensors, tmp, metadata=want)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache file
     handles: dict[int, Any] = {}  # opened on the store's worker thread, the only caller
 
     def read(key: Key, out_flat: torch.Tensor) -> None:
@@ -273,6 +262,38 @@ def cached_reader(
         shape.load(parts, out_flat, f"expert {e} of MoE layer {layer} in {cache_dir!r}")
 
     return read
+
+
+def _check_cache_file(path: str, want: dict[str, str], shape: QuantizedExpertShape, num_experts: int) -> None:
+    """Raises ValueError when a cache file's settings, source weights or tensor headers differ from `want`."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        have = f.metadata() or {}
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"quantized expert cache {path!r} was written with other settings "
+                f"({', '.join(f'{k}: {a!r} in the file, {b!r} here' for k, (a, b) in diff.items())}); "
+                "delete it or load with the settings it was written with"
+            )
+        probe = torch.empty(shape.numel, dtype=torch.uint8)
+        expected = shape._tensors(probe)
+        names = set(f.keys())
+        for e in range(num_experts):
+            for name, t in expected.items():
+                key = f"e{e}.{name}"
+                if key not in names:
+                    raise ValueError(f"quantized expert cache {path!r} lacks {key}; delete it to rebuild")
+                sl = f.get_slice(key)
+                got_shape, got_dtype = tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if got_shape != tuple(t.shape) or got_dtype != t.dtype:
+                    raise ValueError(
+                        f"quantized expert cache {path!r}: {key} is {sl.get_dtype()} {got_shape}, "
+                        f"{shape.scheme} with group size {shape.group_size} and {shape.scale_dtype} scales "
+                        f"expects {t.dtype} {tuple(t.shape)} (scales that do not match the weights); "
+                        "delete it to rebuild"
+                    )
 
 
 _SAFETENSORS_DTYPES = {

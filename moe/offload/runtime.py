@@ -76,10 +76,11 @@ class OffloadConfig:
             each expert is quantized as it is read from the checkpoint.
         miss_quant: mixed precision in the HOBBIT spirit: None (off), or "int8" | "int4": a miss
             runs at once from a low-precision copy of the expert (quantized from the RAM tier on
-            its first miss and then kept on the device: at most every expert at that precision),
-            while the full copy is fetched as a prefetch for later uses. Those misses count as
-            CacheStats.cpu_misses (computed elsewhere than the cache); requires expert_quant None
-            and a miss mode other than "cpu".
+            its first miss, on the calling thread, and then kept on the device: at most every
+            expert at that precision, **on top of** expert_cache_bytes; their bytes count in
+            CacheStats.bytes_moved), while the full copy is fetched as a prefetch for later uses.
+            Those misses count as CacheStats.cpu_misses (computed elsewhere than the cache);
+            requires expert_quant None and a miss mode other than "cpu".
     """
 
     expert_cache_bytes: int
@@ -319,7 +320,10 @@ class OffloadRuntime:
             w_in, w_out = self.store.shapes[key[0]].views(self.store.host(key))
             q_in, q_out = (quant.quantize(w.unsqueeze(0), scheme, group).to(device) for w in (w_in, w_out))
             copy = self.low_copies[key] = (q_in, q_out)
+            # They cross the link like any copy (counted in bytes_moved) but stay outside
+            # expert_cache_bytes: at most one low copy per expert, on top of the cache budget.
             self.low_copy_bytes += q_in.nbytes + q_out.nbytes
+            self.stats.bytes_moved += q_in.nbytes + q_out.nbytes
         return copy
 
     def _mlp(
@@ -331,7 +335,11 @@ class OffloadRuntime:
         b_out_D: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if isinstance(w_in_DF, QuantizedWeight) and isinstance(w_out_HD, QuantizedWeight):
-            # load() refuses quantized experts with biases or GPT-OSS's clamped SwiGLU: none here.
+            if b_in_F is not None or b_out_D is not None or self.activation == "swiglu_oai":
+                raise ValueError(  # load() refuses this already; a runtime built by hand must not run it wrong
+                    "quantized experts run bias-free SwiGLU only: experts with biases or GPT-OSS's clamped "
+                    "SwiGLU cannot use expert_quant / miss_quant"
+                )
             self._note_quant_path(x_ND.device)
             return quantized_mlp_one(x_ND, w_in_DF, w_out_HD, self.activation)
         assert isinstance(w_in_DF, torch.Tensor) and isinstance(w_out_HD, torch.Tensor)

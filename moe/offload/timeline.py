@@ -333,6 +333,12 @@ def simulate_timeline(
     """
     if (tokens_S is None) != (rows_SE is None):
         raise ValueError("pass tokens_S and rows_SE together (a batched trace) or neither")
+    if tokens_S is not None and rows_SE is not None:
+        if tuple(tokens_S.shape) != (trace.num_steps,) or tuple(rows_SE.shape) != (trace.num_steps, trace.num_experts):
+            raise ValueError(
+                f"tokens_S {tuple(tokens_S.shape)} and rows_SE {tuple(rows_SE.shape)} must be "
+                f"[{trace.num_steps}] and [{trace.num_steps}, {trace.num_experts}] (the trace's steps and experts)"
+            )
     if policy not in TIMELINE_POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {TIMELINE_POLICIES}")
     if capacity < 1:
