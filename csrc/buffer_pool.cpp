@@ -13,11 +13,12 @@
 // buffer is never handed out while anything can still read it.
 //
 // Bounded: the pool's bytes, live and free together, stay within a limit (oldest free buffers
-// are released first to make room); by default 5/4 of the high-water mark of live pooled bytes,
-// so resident memory grows by at most a quarter of what the ops' outputs needed at once.
-// Buffers of different sizes cannot stand in for each other, so a step whose outputs need
-// more distinct buffers than that keeps only part of them (set_limit trades memory for reuse).
-// set_limit(0) turns reuse off.
+// are released first to make room); by default 3/2 of the high-water mark of live pooled bytes.
+// A step needs more distinct buffers than it holds at its peak (the standard layer of
+// benchmarks/moe_layer.py: 720 MiB of distinct outputs, 579 MiB live at once), and buffers of
+// different sizes cannot stand in for each other: at 5/4 that layer still missed 5 buffers a
+// step, at 3/2 none (peak RSS +10% over allocating each output fresh, BENCHMARKS.md, issue 21).
+// set_limit trades memory for reuse; set_limit(0) turns reuse off.
 #include "buffer_pool.h"
 
 #include <ATen/EmptyTensor.h>
@@ -63,7 +64,7 @@ class BufferPool final : public c10::Allocator {
     return {fresh_, reused_, int64_t(live_), int64_t(cached_), int64_t(high_water_), limit_};
   }
 
-  // Bytes live + free may reach: < 0 = 5/4 of the high-water mark of live bytes (default),
+  // Bytes live + free may reach: < 0 = 3/2 of the high-water mark of live bytes (default),
   // 0 = keep nothing free, > 0 = that many bytes.
   void set_limit(int64_t limit) {
     std::vector<Block*> evicted;
@@ -78,7 +79,7 @@ class BufferPool final : public c10::Allocator {
  private:
   static void release(void* ctx) { self()->give_back(static_cast<Block*>(ctx)); }
 
-  size_t effective_limit() const { return limit_ < 0 ? high_water_ + high_water_ / 4 : size_t(limit_); }
+  size_t effective_limit() const { return limit_ < 0 ? high_water_ + high_water_ / 2 : size_t(limit_); }
 
   void report(Block* block, bool taken) {
     if (!c10::memoryProfilingEnabled()) return;

@@ -12,8 +12,6 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-
 #include "buffer_pool.h"
 #include "common.h"
 #include "kernels.h"
@@ -41,6 +39,13 @@ void for_column_blocks(bool on_cpu, int64_t cols, const F& body) {
 }
 
 }  // namespace
+
+void mm_out_by_columns(at::Tensor& y, const at::Tensor& x, const at::Tensor& w) {
+  for_column_blocks(y.is_cpu(), w.size(1), [&](int64_t c0, int64_t c1) {
+    auto y_c = y.narrow(1, c0, c1 - c0);
+    at::mm_out(y_c, x, w.narrow(1, c0, c1 - c0));
+  });
+}
 
 at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& counts) {
   TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 3, "x must be [M, K] and w [E, K, N], got ", shape_str(x.sizes()),
@@ -74,7 +79,8 @@ at::Tensor grouped_mm_wgrad_impl(const at::Tensor& x, const at::Tensor& dy, cons
   auto dw = pooled_empty({counts.numel(), x.size(1), dy.size(1)}, x.options());
   // Few large experts: BLAS threads each expert's GEMM (a column split was no faster: each dW
   // GEMM has only its rows as the inner dimension and a whole [K, N] output). Many small
-  // experts: whole experts per thread (for_expert_runs).
+  // experts: whole experts per thread (for_expert_runs); 64 experts x 192 rows, K = N = 1024,
+  // 2 threads: 2.3x faster than BLAS threading each expert (paired median, shared cores, 2026-12-04).
   auto run = [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t start = e == 0 ? 0 : ends[e - 1];
@@ -86,7 +92,7 @@ at::Tensor grouped_mm_wgrad_impl(const at::Tensor& x, const at::Tensor& dy, cons
       }
     }
   };
-  if (split_by_expert(x.is_cpu(), counts.numel()) && std::getenv("MOE_WGRAD_LOOP") == nullptr) {
+  if (split_by_expert(x.is_cpu(), counts.numel())) {
     for_expert_runs(ends, run);
   } else {
     run(0, counts.numel());

@@ -10,9 +10,9 @@
 
 namespace moe {
 
-// grouped_mm.cpp: the ops' bodies (checks included).
-at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& counts);
-at::Tensor grouped_mm_wgrad_impl(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& counts);
+// grouped_mm.cpp: y = x @ w for one expert, each thread a block of y's columns (as grouped_mm's
+// forward does; one block inside a parallel region).
+void mm_out_by_columns(at::Tensor& y, const at::Tensor& x, const at::Tensor& w);
 
 // swiglu_cpu.cpp: out [N, H] = swiglu(h [N, 2H]) and grad_h [N, 2H] of it, into given contiguous
 // tensors, no checks; they thread over rows unless called inside a parallel region.

@@ -3,14 +3,17 @@
 //
 // Memory: the [N, H] activation is not kept for the backward, which recomputes it from h (kept
 // anyway by the first GEMM's backward; SwiGLU costs ~10 flops per element against the 2D of
-// each GEMM); the backward's dact [N, H] never exists as a whole with many small experts.
-// Speed with many small experts (fine-grained MoE, split_by_expert): each thread takes whole
-// experts and runs SwiGLU -> GEMM (forward) or SwiGLU -> dW GEMM -> dact GEMM -> SwiGLU backward
-// (backward) on one expert's rows while they are in cache, with single-threaded BLAS: no
-// thread start-up or BLAS partitioning per small GEMM. Otherwise (few large experts, one thread)
-// it runs the separate kernels: each expert's GEMMs are large enough to thread on their own.
+// each GEMM); the backward's dact [N, H] never exists as a whole.
+// Both run expert by expert: SwiGLU -> GEMM (forward), SwiGLU -> dW GEMM -> dact GEMM -> SwiGLU
+// backward (backward), so the [rows, H] temporaries are one expert's, not all N rows'. With many
+// small experts (fine-grained MoE, split_by_expert) each thread takes whole experts with
+// single-threaded BLAS, while an expert's rows are in cache: no thread start-up or BLAS
+// partitioning per small GEMM. With few large experts the kernels thread themselves (GEMMs by
+// column blocks as in grouped_mm, the dW GEMM by BLAS, SwiGLU by rows).
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "buffer_pool.h"
 #include "common.h"
@@ -36,22 +39,39 @@ at::Tensor swiglu_rows(const at::Tensor& h) {  // [rows, H] of contiguous h [row
   return act;
 }
 
+// body(e, first row, rows) for every expert with rows: whole experts per thread with many small
+// experts, else one expert after another with each kernel threading itself.
+template <typename F>
+void for_each_expert(const std::vector<int64_t>& ends, const F& body) {
+  auto run = [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t start = e == 0 ? 0 : ends[e - 1];
+      body(e, start, ends[e] - start);
+    }
+  };
+  if (split_by_expert(true, int64_t(ends.size()))) {
+    for_expert_runs(ends, run);
+  } else {
+    run(0, int64_t(ends.size()));
+  }
+}
+
+void zero_padding_rows(at::Tensor& t, const std::vector<int64_t>& ends) {
+  const int64_t used = ends.empty() ? 0 : ends.back();
+  if (used < t.size(0)) t.narrow(0, used, t.size(0) - used).zero_();
+}
+
 at::Tensor swiglu_grouped_mm_cpu(const at::Tensor& h, const at::Tensor& w, const at::Tensor& counts) {
   check_inputs(h, w, counts);
   auto hc = h.contiguous();
   const auto ends = segment_ends(counts, hc.size(0));
-  if (!split_by_expert(true, w.size(0))) return grouped_mm_impl(swiglu_rows(hc), w, counts);
   auto y = pooled_empty({hc.size(0), w.size(2)}, hc.options());
-  for_expert_runs(ends, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t start = e == 0 ? 0 : ends[e - 1], rows = ends[e] - start;
-      if (rows == 0) continue;
-      auto y_e = y.narrow(0, start, rows);
-      at::mm_out(y_e, swiglu_rows(hc.narrow(0, start, rows)), w[e]);
-    }
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t rows) {
+    if (rows == 0) return;
+    auto y_e = y.narrow(0, start, rows);
+    mm_out_by_columns(y_e, swiglu_rows(hc.narrow(0, start, rows)), w[e]);
   });
-  const int64_t used = ends.empty() ? 0 : ends.back();
-  if (used < hc.size(0)) y.narrow(0, used, hc.size(0) - used).zero_();
+  zero_padding_rows(y, ends);
   return y;
 }
 
@@ -69,31 +89,24 @@ std::tuple<at::Tensor, at::Tensor> swiglu_grouped_mm_backward_cpu(const at::Tens
   auto dy = grad_y.contiguous();  // upstream grads can arrive expanded (stride 0)
   const auto ends = segment_ends(counts, hc.size(0));
   auto grad_h = pooled_empty(hc.sizes(), hc.options());
-  if (!split_by_expert(true, w.size(0))) {
-    at::Tensor dw = weight_grad ? grouped_mm_wgrad_impl(swiglu_rows(hc), dy, counts) : w.new_empty({0});
-    swiglu_backward_into(grouped_mm_impl(dy, w.transpose(1, 2), counts), hc, grad_h);
-    return {grad_h, dw};
-  }
   auto dw = weight_grad ? pooled_empty(w.sizes(), w.options()) : w.new_empty({0});
-  for_expert_runs(ends, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t start = e == 0 ? 0 : ends[e - 1], rows = ends[e] - start;
-      if (rows == 0) {
-        if (weight_grad) dw[e].zero_();
-        continue;
-      }
-      auto h_e = hc.narrow(0, start, rows);
-      auto dy_e = dy.narrow(0, start, rows);
-      if (weight_grad) {
-        auto dw_e = dw[e];
-        at::mm_out(dw_e, swiglu_rows(h_e).t(), dy_e);
-      }
-      auto grad_h_e = grad_h.narrow(0, start, rows);
-      swiglu_backward_into(at::mm(dy_e, w[e].t()), h_e, grad_h_e);
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t rows) {
+    if (rows == 0) {
+      if (weight_grad) dw[e].zero_();
+      return;
     }
+    auto h_e = hc.narrow(0, start, rows);
+    auto dy_e = dy.narrow(0, start, rows);
+    if (weight_grad) {
+      auto dw_e = dw[e];
+      at::mm_out(dw_e, swiglu_rows(h_e).t(), dy_e);  // the activation, recomputed
+    }
+    auto dact = pooled_empty({rows, w.size(1)}, hc.options());
+    mm_out_by_columns(dact, dy_e, w[e].t());
+    auto grad_h_e = grad_h.narrow(0, start, rows);
+    swiglu_backward_into(dact, h_e, grad_h_e);
   });
-  const int64_t used = ends.empty() ? 0 : ends.back();
-  if (used < hc.size(0)) grad_h.narrow(0, used, hc.size(0) - used).zero_();
+  zero_padding_rows(grad_h, ends);
   return {grad_h, dw};
 }
 
