@@ -162,6 +162,10 @@ std::vector<int64_t> buffer_pool_stats() { return BufferPool::self()->stats(); }
 
 void set_buffer_pool_limit(int64_t limit) { BufferPool::self()->set_limit(limit); }
 
+at::Tensor empty_pooled(at::IntArrayRef size, at::ScalarType dtype) {
+  return pooled_empty(size, at::TensorOptions().dtype(dtype));
+}
+
 }  // namespace
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -175,6 +179,8 @@ TORCH_LIBRARY_FRAGMENT(moe, m) {
   m.def("buffer_pool_stats() -> int[]", &buffer_pool_stats);
   // Bytes of free buffers the pool may keep: < 0 = the high-water mark of live bytes, 0 = none.
   m.def("set_buffer_pool_limit(int limit) -> ()", &set_buffer_pool_limit);
+  // An uninitialised CPU tensor from the pool (Python callers: the all-to-all receive buffers).
+  m.def("empty_pooled(int[] size, ScalarType dtype) -> Tensor", &empty_pooled);
 }
 
 }  // namespace moe

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["keep_freed_memory", "BufferPoolStats", "buffer_pool_stats", "set_buffer_pool_limit"]
+__all__ = ["keep_freed_memory", "BufferPoolStats", "buffer_pool_stats", "set_buffer_pool_limit", "pooled_empty"]
 
 
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -93,6 +93,14 @@ def set_buffer_pool_limit(limit_bytes: int | None) -> None:
         raise ValueError(f"limit_bytes must be None or an int >= 0, got {limit_bytes!r}")
     if _cpp_loaded():
         torch.ops.moe.set_buffer_pool_limit(-1 if limit_bytes is None else limit_bytes)
+
+
+def pooled_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `shape` with like's dtype and device; on CPU (with the C++
+    extension built) from the ops' buffer pool, so a buffer allocated every step is reused."""
+    if like.device.type == "cpu" and _cpp_loaded():
+        return torch.ops.moe.empty_pooled(list(shape), like.dtype)
+    return like.new_empty(shape)
 
 
 def _cpp_loaded() -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import moe
-from moe.cpu_memory import buffer_pool_stats, set_buffer_pool_limit
+from moe.cpu_memory import buffer_pool_stats, pooled_empty, set_buffer_pool_limit
 from moe.ops import cpp
 
 pytest.importorskip("moe._C", reason="the C++ extension is not built")
@@ -111,3 +111,17 @@ def test_default_limit_bounds_live_plus_free_bytes() -> None:
     stats = buffer_pool_stats()
     assert stats is not None and stats.limit == -1
     assert stats.live_bytes + stats.free_bytes <= stats.high_water_bytes * 3 // 2
+
+
+def test_pooled_empty_reuses_a_freed_buffer_of_its_size() -> None:
+    like = torch.zeros(1, dtype=torch.bfloat16)
+    set_buffer_pool_limit(0)  # drop the free buffers of earlier tests
+    set_buffer_pool_limit(None)
+    a = pooled_empty((1024, 1024), like)  # 2 MiB
+    assert a.shape == (1024, 1024) and a.dtype == torch.bfloat16 and a.device.type == "cpu"
+    address = a.data_ptr()
+    del a
+    b = pooled_empty((1024, 1024), like)
+    assert b.data_ptr() == address
+    c = pooled_empty((1024, 1024), like)  # b is alive: never the same buffer
+    assert c.data_ptr() != b.data_ptr()
