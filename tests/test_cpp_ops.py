@@ -183,7 +183,7 @@ def _swiglu_mm_inputs(counts: list[int], pad: int, h: int, d: int, dtype: torch.
     return hs, w, c
 
 
-# 2 threads: 4 experts are "few" (the separate kernels), 9 are many (whole experts per thread).
+# 2 threads: 4 experts are "few" (one after another, kernels threaded), 9 are many (whole experts per thread).
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize(("counts", "pad"), [([5, 0, 2, 3], 3), ([4, 0, 7, 1, 3, 0, 2, 9, 5], 2), ([0, 0, 0, 0], 2)])
@@ -217,16 +217,20 @@ def test_swiglu_grouped_mm_frozen_weights_skip_the_weight_gradient(threads: int)
     cpp.swiglu_grouped_mm(h, w, c).backward(g)
     assert w.grad is None
     torch.testing.assert_close(h.grad, grad_h)
-    torch.testing.assert_close(grad_h, torch.autograd.functional.vjp(lambda t: reference.grouped_mm(reference.swiglu(t), w, c), h.detach(), g)[1])
+    want = torch.autograd.functional.vjp(lambda t: reference.grouped_mm(reference.swiglu(t), w, c), h.detach(), g)[1]
+    torch.testing.assert_close(grad_h, want)
 
 
 def test_swiglu_grouped_mm_gradcheck_and_double_backward_fp64() -> None:
     torch.set_num_threads(2)
-    for counts in ([2, 0, 3], [1, 2, 0, 1, 1]):  # the separate kernels and whole experts per thread
+    for counts in ([2, 0, 3], [1, 2, 0, 1, 1]):  # experts one after another, and whole experts per thread
         h, w, c = _swiglu_mm_inputs(counts, 1, 3, 4, torch.float64)
         h.requires_grad_()
         w.requires_grad_()
-        fn = lambda a, b: cpp.swiglu_grouped_mm(a, b, c)  # noqa: E731
+
+        def fn(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor = c) -> torch.Tensor:
+            return cpp.swiglu_grouped_mm(a, b, c)
+
         assert torch.autograd.gradcheck(fn, (h, w))
         assert torch.autograd.gradgradcheck(fn, (h, w))
 

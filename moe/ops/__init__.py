@@ -9,4 +9,13 @@ from moe.ops.permute import permute, sort_by_expert
 from moe.ops.registry import backends_for, resolve
 from moe.ops.unpermute import unpermute
 
-__all__ = ["sort_by_expert", "permute", "unpermute", "grouped_mm", "swiglu", "swiglu_grouped_mm", "backends_for", "resolve"]
+__all__ = [
+    "sort_by_expert",
+    "permute",
+    "unpermute",
+    "grouped_mm",
+    "swiglu",
+    "swiglu_grouped_mm",
+    "backends_for",
+    "resolve",
+]
