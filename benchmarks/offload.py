@@ -180,6 +180,88 @@ def check_targets(rows: list[dict[str, object]]) -> None:
         print(f"{trace}: (d) hit rate / Belady's: {hits}")
 
 
+def run_confidence_sweep(name: str, trace: mo.Trace) -> None:
+    """ms/token (x LRU) and hit rate (- LRU's) of predictive per min_confidence, int4 preset.
+
+    Where copies and compute are comparable every guess the link can take looks free, but a wrong
+    one evicts an expert that may be needed again: the floor trades ms/token against traffic.
+    """
+    from moe.offload import timeline
+
+    hw = timeline.PRESETS["4090-qwen3-30b-a3b-int4"]
+    floors = (0.0, 0.1, 0.15, 0.2, 0.25, 0.3)
+    print(f"\n## min_confidence sweep, {name}, {hw.name}: ms x LRU / hit - LRU's (default {mo.MIN_CONFIDENCE})")
+    for frac in (0.25, 0.5):
+        cap = max(1, round(frac * trace.num_experts))
+        lru = timeline.simulate_timeline(trace, "lru", cap, hw)
+        cells = []
+        for floor in floors:
+            r = timeline.simulate_timeline(trace, "predictive", cap, hw, min_confidence=floor)
+            cells.append(f"{floor}: {r.ms_per_token / lru.ms_per_token:.3f} / {r.hit_rate - lru.hit_rate:+.3f}")
+        print(f"{frac:5.1%} | " + " | ".join(cells))
+
+
+def lru_hit_curves(trace: mo.Trace) -> torch.Tensor:
+    """[L, E + 1] LRU hits of each layer at 0..E experts (Mattson's stack distances, one pass)."""
+    hits = torch.zeros(trace.num_layers, trace.num_experts + 1)
+    stacks: list[list[int]] = [[] for _ in range(trace.num_layers)]
+    for s in range(trace.num_steps):
+        layer = int(trace.layer_S[s])
+        stack = stacks[layer]
+        for e in sorted(trace.needed(s)):
+            if e in stack:
+                hits[layer, stack.index(e) + 1 :] += 1
+                stack.remove(e)
+            stack.insert(0, e)
+    return hits
+
+
+def split_by_hit_curves(hits: torch.Tensor, total: int) -> list[int]:
+    """Experts per layer (>= 1 each, `total` in all) that maximise the curves' hits (AdapMoE-style).
+
+    Greedy on the best hits per expert over any jump, not the next expert only: below k experts
+    per layer an LRU curve is flat (a step's own experts evict each other), so single steps stall.
+    """
+    layers, most = hits.shape[0], hits.shape[1] - 1
+    caps, left = [1] * layers, total - layers
+    while left > 0:
+        jumps = [
+            (float(hits[i, c] - hits[i, caps[i]]) / (c - caps[i]), i, c)
+            for i in range(layers)
+            for c in range(caps[i] + 1, min(most, caps[i] + left) + 1)
+        ]
+        if not jumps:
+            break
+        _, i, c = max(jumps)
+        left, caps[i] = left - (c - caps[i]), c
+    return caps
+
+
+def run_budget_split(name: str, trace: mo.Trace) -> None:
+    """Per-layer budgets from hit curves fitted on the first half, judged on the second half,
+    against the even split and one global pool (issue 15, 4c)."""
+    from moe.offload import timeline
+
+    half = trace.num_steps // 2 // trace.num_layers * trace.num_layers
+    fit, held = trace.select(torch.arange(half)), trace.select(torch.arange(half, trace.num_steps))
+    print(f"\n## per-layer budgets from hit curves, {name} (fit: first half, judged: second half); ms x even LRU / hit")
+    curves = lru_hit_curves(fit)
+    for frac in (0.125, 0.25, 0.5):
+        cap = max(1, round(frac * trace.num_experts))
+        caps = split_by_hit_curves(curves, cap * trace.num_layers)
+        for preset in ("h100-mixtral", "4090-qwen3-30b-a3b-int4"):
+            hw = timeline.PRESETS[preset]
+            base = timeline.simulate_timeline(held, "lru", cap, hw).ms_per_token
+            cells = []
+            for policy in ("lru", "predictive"):
+                even = timeline.simulate_timeline(held, policy, cap, hw)
+                pooled = timeline.simulate_timeline(held, policy, cap, hw, scope="global")
+                split = timeline.simulate_timeline(held, policy, cap, hw, layer_capacities=caps)
+                cells += [f"{policy} {label} {r.ms_per_token / base:.3f}/{r.hit_rate:.3f}"
+                          for label, r in (("even", even), ("global", pooled), ("split", split))]  # fmt: skip
+            print(f"{preset:>24} {frac:5.1%} {caps} | " + " | ".join(cells))
+
+
 def plot(rows: list[dict[str, object]], path: str) -> None:
     import matplotlib
 
@@ -238,6 +320,10 @@ def main() -> None:
     for path in args.trace:
         run_timeline(os.path.basename(path), mo.Trace.load(path), args.sizes, timeline_rows)
     check_targets(timeline_rows)
+    if not args.quick:
+        for name, trace in (("synthetic calibrated", mo.synthetic_trace(base)), ("trained tiny LM", trained)):
+            run_confidence_sweep(name, trace)
+            run_budget_split(name, trace)
     csv_path = os.path.join(args.out, "offload.csv")
     harness.write_csv(csv_path, timeline_rows)
     print(f"\nwrote {csv_path} in {time.perf_counter() - start:.0f}s")

@@ -28,4 +28,8 @@ TORCH_LIBRARY(moe, m) {
   m.def("swiglu_grouped_mm(Tensor h, Tensor w, Tensor counts) -> Tensor");
   // (grad_h [N, 2H], grad_w [E, H, D], or [0] without weight_grad) of swiglu_grouped_mm.
   m.def("swiglu_grouped_mm_backward(Tensor grad_y, Tensor h, Tensor w, Tensor counts, bool weight_grad) -> (Tensor, Tensor)");
+  // y [M, N] = x [M, K] @ dequantize(w) for one quantized weight (moe.quant): int8 data [K, N] with
+  // scale [1, N] and no zero (group_size = K), or int4 data uint8 [K / 2, N] with scale and zero
+  // [K / G, N]; computed in fp32, returned in x's dtype.
+  m.def("quant_matmul(Tensor x, Tensor data, Tensor scale, Tensor? zero, int group_size) -> Tensor");
 }

@@ -1,8 +1,9 @@
 """Weight-only quantized expert weights: int8 per output channel and int4 group-wise, with a
 pure-PyTorch reference (quantize, dequantize, grouped GEMM and expert MLP on dequantized weights).
 
-This is the reference and the test oracle of issue 19; there are no fused dequantize-GEMM
-kernels yet and the offload path (moe.offload) does not use it yet.
+This is the reference and the test oracle of issue 19. moe.offload uses it for quantized experts
+(OffloadConfig.expert_quant); quantized_matmul multiplies one expert's weight with the C++
+fused dequantize-GEMM on CPU (csrc/quant_matmul_cpu.cpp) and by dequantize-then-matmul elsewhere.
 
 Weights use the experts' `x @ w` layout, one [K, N] matrix per expert, K the inner (input)
 dimension and N the output width: w_in [E, D, F] (K = D, N = F) and w_out [E, H, D] (K = H, N = D)
@@ -32,12 +33,14 @@ moe.experts).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from moe import ops
-from moe.experts import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, ExpertsBase, expert_mlp
+from moe.experts import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, ExpertsBase, activate, expert_mlp
 
 __all__ = [
     "SCHEMES",
@@ -51,6 +54,10 @@ __all__ = [
     "quantized_grouped_mm",
     "quantized_expert_mlp",
     "quantized_expert_bytes",
+    "quantized_matmul",
+    "quantized_mlp_one",
+    "matmul_path",
+    "MATMUL_PATHS",
 ]
 
 SCHEMES = ("int8", "int4")
@@ -254,6 +261,79 @@ def quantized_expert_mlp(
     return expert_mlp(x_ND, w_in, w_out, counts_E, activation, backend, b_in, b_out, alpha, limit)
 
 
+FUSED_CPU_PATH = "fused-cpu"
+FUSED_TRITON_PATH = "fused-triton"
+FALLBACK_PATH = "dequantize-then-matmul"
+MATMUL_PATHS = ("auto", FUSED_CPU_PATH, FUSED_TRITON_PATH, FALLBACK_PATH)
+
+
+def matmul_path(device: torch.device | str) -> str:
+    """How quantized_matmul multiplies on `device` by default: "fused-cpu" (the C++ op
+    moe::quant_matmul, dequantization inside the GEMM) on a CPU where the extension is built,
+    else "dequantize-then-matmul" (the weight dequantized whole, then a float matmul; also the
+    reference). The Triton dequantize-GEMM (kernels/quant_gemm.py, path="fused-triton") is not a
+    default anywhere yet: it has run only in Triton's CPU interpreter, never compiled on a GPU."""
+    from moe.ops import cpp
+
+    device = torch.device(device)
+    return FUSED_CPU_PATH if device.type == "cpu" and cpp.has_quant_matmul(device) else FALLBACK_PATH
+
+
+def quantized_matmul(x_NK: torch.Tensor, qw: QuantizedWeight, path: str = "auto") -> torch.Tensor:
+    """x_NK [N, K] @ one expert's quantized weight qw [1, K, N_out] -> [N, N_out] in x's dtype.
+
+    Args:
+        path: "auto" (matmul_path(x.device)), "fused-cpu", "fused-triton" (CUDA, or Triton's
+            interpreter on CPU) or "dequantize-then-matmul" (the reference: x_NK @ dequantize(qw, x.dtype)[0]).
+
+    Differentiable w.r.t. x_NK on both paths.
+    """
+    if path not in MATMUL_PATHS:
+        raise ValueError(f"path must be one of {MATMUL_PATHS}, got {path!r}")
+    if qw.shape[0] != 1:
+        raise ValueError(f"quantized_matmul takes one expert's weight [1, K, N], got {qw.shape}")
+    if x_NK.dim() != 2 or x_NK.shape[1] != qw.shape[1]:
+        raise ValueError(f"quantized_matmul: x must be [N, K={qw.shape[1]}], got {tuple(x_NK.shape)}")
+    chosen = matmul_path(x_NK.device) if path == "auto" else path
+    if chosen == FUSED_CPU_PATH:
+        if matmul_path(x_NK.device) != FUSED_CPU_PATH:
+            raise ValueError(f"path='fused-cpu' needs x on the CPU and the C++ extension built, got {x_NK.device}")
+        from moe.ops import cpp
+
+        zero = None if qw.zero is None else qw.zero[0]
+        return cpp.quant_matmul(x_NK, qw.data[0], qw.scale[0], zero, qw.group_size)
+    if chosen == FUSED_TRITON_PATH:
+        return _TritonQuantMatmul.apply(x_NK, qw)
+    return x_NK @ dequantize(qw, x_NK.dtype)[0]
+
+
+class _TritonQuantMatmul(torch.autograd.Function):
+    """The Triton dequantize-GEMM forward; backward dx = dy @ dequantize(w)^T (the weights are constant)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_NK: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+        from moe.ops import triton as ops_triton
+
+        if not ops_triton.triton_installed():
+            raise ValueError("path='fused-triton' needs Triton installed")
+        kernel = importlib.import_module("moe.kernels.quant_gemm")
+        ctx.qw = qw
+        zero = None if qw.zero is None else qw.zero[0]
+        return kernel.quant_matmul(x_NK, qw.data[0], qw.scale[0], zero, qw.group_size)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ dequantize(ctx.qw, grad.dtype)[0].t(), None
+
+
+def quantized_mlp_one(
+    x_ND: torch.Tensor, qw_in: QuantizedWeight, qw_out: QuantizedWeight, activation: str = "swiglu"
+) -> torch.Tensor:
+    """One expert's MLP act(x w_in) w_out on quantized w_in [1, D, F] and w_out [1, H, D], each
+    multiplied by quantized_matmul; equals expert_mlp on the dequantized weights. [N, D] -> [N, D]."""
+    return quantized_matmul(activate(quantized_matmul(x_ND, qw_in), activation), qw_out)
+
+
 class QuantizedExperts(ExpertsBase):
     """Routed experts holding quantized w_in / w_out (buffers, not parameters: inference only),
     computed by dequantizing both whole tensors and running the float expert MLP.
@@ -299,6 +379,17 @@ class QuantizedExperts(ExpertsBase):
             getattr(experts, "alpha", SWIGLU_OAI_ALPHA),
             getattr(experts, "limit", SWIGLU_OAI_LIMIT),
         )
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        """A zero-stride stand-in [E, D, F] with the original weight's dtype and the data's device
+        (moe.MoE checks its input against experts.w_in); the weights are qw_in."""
+        return torch.zeros((), dtype=self.qw_in.dtype, device=self.qw_in.data.device).expand(self.qw_in.shape)
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        """A zero-stride stand-in [E, H, D], as w_in; the weights are qw_out."""
+        return torch.zeros((), dtype=self.qw_out.dtype, device=self.qw_out.data.device).expand(self.qw_out.shape)
 
     @property
     def nbytes(self) -> int:

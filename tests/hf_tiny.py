@@ -155,6 +155,54 @@ def tiny_config(family: str) -> Any:
         return t.PhimoeConfig(num_local_experts=6, num_experts_per_tok=2, **_COMMON)
     if family == "gpt_oss":
         return t.GptOssConfig(num_local_experts=6, num_experts_per_tok=2, head_dim=8, **_COMMON)
+    grouped = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, head_dim=8)
+    if family == "exaone_moe":
+        return t.ExaoneMoeConfig(
+            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, num_shared_experts=1,
+            first_k_dense_replace=1, **grouped, **_COMMON,
+        )  # fmt: skip
+    if family == "minicpm5_moe":
+        return t.MiniCPM5MoeConfig(
+            n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, n_shared_experts=1,
+            mlp_layer_types=["dense", "sparse"], **grouped, **_COMMON,
+        )  # fmt: skip
+    if family == "solar_open":
+        return t.SolarOpenConfig(
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            n_shared_experts=1,
+            **grouped,
+            **_COMMON,
+        )
+    if family == "qwen3_vl_moe":
+        return t.Qwen3VLMoeTextConfig(
+            num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8, **_COMMON
+        )  # fmt: skip
+    if family == "qwen3_5_moe":
+        return t.Qwen3_5MoeTextConfig(
+            num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+            head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+            linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"], **_COMMON,
+        )  # fmt: skip
+    if family == "granitemoehybrid":
+        return t.GraniteMoeHybridConfig(
+            num_local_experts=6, num_experts_per_tok=2, shared_intermediate_size=40, mamba_n_heads=4, mamba_d_head=16,
+            mamba_expand=2, mamba_n_groups=1, mamba_d_state=8, layer_types=["mamba", "attention"], **_COMMON,
+        )  # fmt: skip
+    if family == "ernie4_5_moe":
+        return t.Ernie4_5_MoeConfig(
+            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, moe_num_shared_experts=1,
+            moe_layer_start_index=1, **_COMMON,
+        )  # fmt: skip
+    if family == "mellum":
+        return t.MellumConfig(
+            num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False, head_dim=8, **_COMMON
+        )
+    if family == "minimax_m2":
+        return t.MiniMaxM2Config(num_local_experts=6, num_experts_per_tok=2, head_dim=8, **_COMMON)
+    if family == "granitemoe_swa":
+        return t.GraniteMoeSWAConfig(num_local_experts=6, num_experts_per_tok=2, **_COMMON)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -176,6 +224,16 @@ BLOCK_CLASSES = {
     "granitemoeshared": ("granitemoeshared", "GraniteMoeSharedMoE"),
     "phimoe": ("phimoe", "PhimoeSparseMoeBlock"),
     "gpt_oss": ("gpt_oss", "GptOssMLP"),
+    "exaone_moe": ("exaone_moe", "ExaoneMoeSparseMoEBlock"),
+    "minicpm5_moe": ("minicpm5_moe", "MiniCPM5MoeMoE"),
+    "solar_open": ("solar_open", "SolarOpenMoE"),
+    "mellum": ("mellum", "MellumSparseMoeBlock"),
+    "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock"),
+    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridMoE"),
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock"),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock"),
+    "minimax_m2": ("minimax_m2", "MiniMaxM2SparseMoeBlock"),
+    "granitemoe_swa": ("granitemoe_swa", "GraniteMoeSWAMoE"),
 }
 
 FAMILIES = tuple(BLOCK_CLASSES)
@@ -200,8 +258,10 @@ def hf_routing(block: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torc
     if TRANSFORMERS_5:
         from moe.integrations.hf_families import spec_for
 
-        gate = getattr(block, spec_for(block).router_attr)  # "gate" or "router" (Granite)
-        _, weights, ids = gate(x_TD)
+        spec = spec_for(block)
+        gate = getattr(block, spec.router_attr)  # "gate" or "router" (Granite)
+        extra = (block.e_score_correction_bias,) if spec.bias_holder == "" else ()  # MiniMax-M2: the block's bias
+        _, weights, ids = gate(x_TD, *extra)
         return weights, ids
     gate = block.gate
     if isinstance(gate, nn.Linear):

@@ -339,7 +339,17 @@ def _opcheck_cases() -> list[tuple[str, tuple]]:
         ("swiglu_backward", (torch.randn(4, 5), torch.randn(4, 10))),
         ("swiglu_grouped_mm", (torch.randn(9, 8, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True), c)),
         ("swiglu_grouped_mm_backward", (torch.randn(9, 5), torch.randn(9, 8), torch.randn(3, 4, 5), c, True)),
+        # int4 (int8 and the forward / gradient tests: tests/test_quant_matmul.py)
+        ("quant_matmul", (torch.randn(3, 64, requires_grad=True), *_int4_weight())),
     ]
+
+
+def _int4_weight() -> tuple:
+    from moe.quant import quantize
+
+    q = quantize(torch.randn(1, 64, 20), "int4", 32)
+    assert q.zero is not None
+    return q.data[0], q.scale[0], q.zero[0], 32
 
 
 @pytest.mark.parametrize(("name", "args"), _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")

@@ -21,7 +21,15 @@ from moe.routing.sparsemixer import sparsemixer_eval
 SHAPES = [(3, 7), (1, 1)]
 
 ROUTER_STD = {"deepseek_v3": 0.15, "glm4_moe": 0.15, "dots1": 0.15}
-UNSORTED_TOPK = ("deepseek", "glm4_moe", "dots1")  # HF's top-k is unsorted: compare as sets
+UNSORTED_TOPK = (
+    "deepseek",
+    "glm4_moe",
+    "dots1",
+    "exaone_moe",
+    "minicpm5_moe",
+    "solar_open",
+    "minimax_m2",
+)  # HF's top-k is unsorted: compare as sets
 
 
 def hf_router(block: nn.Module) -> nn.Module:

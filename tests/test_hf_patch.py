@@ -35,6 +35,15 @@ EXPECTED_BLOCKS = {
     "granitemoeshared": 2,
     "phimoe": 2,
     "gpt_oss": 2,
+    "exaone_moe": 1,
+    "minicpm5_moe": 1,
+    "solar_open": 2,
+    "mellum": 2,
+    "minimax_m2": 2,
+    "granitemoe_swa": 2,
+    "qwen3_5_moe": 2,
+    "granitemoehybrid": 2,
+    "ernie4_5_moe": 1,
 }
 
 
@@ -178,4 +187,40 @@ def test_scan_reports_an_unknown_block_and_patch_skips_it() -> None:
     (report,) = scan(model)
     assert report.family is None and "not a recognised" in str(report.reason)
     with pytest.warns(UserWarning, match="SomeNewMoeBlock"):
+        assert patch(model) == 0
+
+
+def test_a_known_unsupported_block_is_refused_with_its_reason() -> None:
+    """Llama 4 weights each expert's input, not its output: patch names the block and says so."""
+    from transformers.models.llama4.configuration_llama4 import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    block = Llama4TextMoe(Llama4TextConfig(hidden_size=16, intermediate_size=24, num_local_experts=4))
+    model = nn.Sequential(block)
+    (report,) = scan(model)
+    assert report.block_class == "Llama4TextMoe" and "input" in str(report.reason)
+    with pytest.warns(UserWarning, match="Llama4TextMoe"):
+        assert patch(model) == 0
+    assert model[0] is block
+    with pytest.raises(TypeError, match="Llama 4 scales"):
+        patch(model, strict=True)
+
+
+def test_jetmoe_blocks_without_an_experts_module_are_still_reported() -> None:
+    """JetMoE's MoE MLP has no `experts` attribute: known by class name, it is reported, not silently kept."""
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.JetMoeConfig(
+            hidden_size=32,
+            intermediate_size=24,
+            kv_channels=8,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            vocab_size=64,
+        )  # fmt: skip
+    )
+    reasons = {r.block_class: r.reason for r in scan(model)}
+    assert "JetMoeMoE" in reasons and "output bias" in str(reasons["JetMoeMoE"])
+    with pytest.warns(UserWarning, match="JetMoeMoE"):
         assert patch(model) == 0

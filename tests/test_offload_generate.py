@@ -211,28 +211,100 @@ def test_cuda_tokens_match_in_memory_model(mixtral, policy: str, per_layer: int,
 
 
 # Families added by issue 16, from the shared tiny configs (D=32): tokens equal the in-memory model.
-@pytest.mark.parametrize(
-    "family", ["glm4_moe", "dots1", "minimax", "qwen3_next", "jamba", "granitemoe", "granitemoeshared", "phimoe"]
-)
-def test_more_families(family: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _save_tiny(family: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, torch.Tensor, int]:
+    """(model dir, the in-memory model's greedy tokens, bytes of two experts in every MoE layer)."""
     from hf_tiny import tiny_config
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    with torch.no_grad():  # non-zero expert / router biases (GPT-OSS) and selection biases: offload must carry them
+        for name, param in model.named_parameters():
+            if name.endswith(("_proj_bias", "router.bias")):
+                param.copy_(torch.randn_like(param) * 0.2)
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn_like(bias) * 0.1)
     path = str(tmp_path_factory.mktemp(family))
     model.save_pretrained(path)
     full = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     expected = full.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
     experts = [m for m in full.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)]
-    _, two_i, d = experts[0].gate_up_proj.shape
-    budget = len(experts) * 2 * (d * two_i + two_i // 2 * d) * 4  # two experts per layer
-    om = mo.load(path, "cpu", budget, "lru")
+    expert_numel = (experts[0].gate_up_proj[0].numel() + experts[0].down_proj[0].numel()) * 4
+    return path, expected, len(experts) * 2 * expert_numel
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "deepseek_v2",
+        "glm4_moe",
+        "dots1",
+        "minimax",
+        "qwen3_next",
+        "jamba",
+        "granitemoe",
+        "granitemoeshared",
+        "phimoe",
+        "exaone_moe",
+        "minicpm5_moe",
+        "solar_open",
+        "mellum",
+        "minimax_m2",
+        "granitemoe_swa",
+        "qwen3_5_moe",
+    ],  # fmt: skip
+)
+def test_more_families(family: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    torch.set_num_threads(1)
+    path, expected, budget = _save_tiny(family, tmp_path_factory)
+    om = mo.load(path, "cpu", config=mo.OffloadConfig(expert_cache_bytes=budget))
     try:
         assert torch.equal(om.model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False), expected)
         assert om.runtime.residency.peak_bytes <= budget
     finally:
         om.close()
+
+
+@pytest.mark.parametrize("miss", ["copy", "cpu"])
+def test_gpt_oss_offloaded_with_expert_biases(miss: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """GPT-OSS: interleaved x @ W experts read from disk, biases resident, clamped SwiGLU; on the
+    device path and the compute-where-it-lives (CPU miss) path."""
+    torch.set_num_threads(1)
+    path, expected, budget = _save_tiny("gpt_oss", tmp_path_factory)
+    om = mo.load(path, "cpu", config=mo.OffloadConfig(expert_cache_bytes=budget, miss=miss))  # type: ignore[arg-type]
+    try:
+        experts = [m for m in om.model.modules() if isinstance(m, mo.OffloadedExperts)]
+        assert len(experts) == 2 and all(e.b_in is not None and e.b_in.abs().sum() > 0 for e in experts)
+        assert om.runtime.activation == "swiglu_oai"
+        assert torch.equal(om.model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False), expected)
+        stats = om.runtime.stats
+        assert stats.cpu_misses > 0 if miss == "cpu" else stats.copies > 0
+    finally:
+        om.close()
+
+
+def test_gpt_oss_mxfp4_checkpoint_is_refused(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The hub's GPT-OSS checkpoints store experts as MXFP4 blocks + scales: a clear error, not a wrong read."""
+    from safetensors.torch import load_file, save_file
+
+    path, _, _ = _save_tiny("gpt_oss", tmp_path_factory)
+    state = load_file(f"{path}/model.safetensors")
+    for name in [n for n in state if n.endswith("experts.gate_up_proj")]:
+        state[name + "_blocks"] = torch.zeros(4, dtype=torch.uint8)
+        state[name + "_scales"] = torch.zeros(4, dtype=torch.uint8)
+        del state[name]
+    save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(mo.CheckpointError, match="MXFP4"):
+        mo.load(path, "cpu", config=mo.OffloadConfig(expert_cache_bytes=1 << 20))
+
+
+@pytest.mark.parametrize("option", [{"expert_quant": "int8"}, {"miss_quant": "int4"}])
+def test_gpt_oss_quantized_is_refused(option: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The quantized expert MLP has no biases and no clamped SwiGLU: a clear error, not GPT-OSS run wrong."""
+    path, _, budget = _save_tiny("gpt_oss", tmp_path_factory)
+    with pytest.raises(ValueError, match="GPT-OSS's experts .* not supported quantized"):
+        mo.load(path, "cpu", config=mo.OffloadConfig(expert_cache_bytes=budget, **option))
 
 
 def test_link_budget_counts_what_fits_before_the_next_layer() -> None:

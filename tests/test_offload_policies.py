@@ -213,6 +213,35 @@ def test_a_prefetch_never_evicts_a_more_confident_one_of_the_same_step() -> None
     assert (1, 1) in res and res.stats.wasted_prefetches == 0
 
 
+def test_only_forecasts_above_min_confidence_are_prefetched() -> None:
+    engine, res, fetched = _engine_with_fetch_log(2, 2)
+    engine.min_confidence = 0.3
+    votes = torch.tensor([0.0, 0.5, 0.25, 0.0])  # e1 passes the floor, e2 does not
+    for _ in engine.step(0, [0], torch.tensor([1.0, 0, 0, 0]), lookahead=[(1, votes)]):
+        pass
+    assert [key for key, prefetch in fetched if prefetch] == [(1, 1)]
+    with pytest.raises(ValueError, match="min_confidence must be a router probability"):
+        CacheEngine(res, lambda layer: 1, min_confidence=-0.1)
+    with pytest.raises(ValueError, match="min_confidence must be a router probability"):
+        mo.OffloadConfig(expert_cache_bytes=1, min_confidence=2.0)
+
+
+def test_a_resident_guess_does_not_use_up_the_prefetch_budget() -> None:
+    """The link can take one copy: it goes to the guess that is missing, not the resident one."""
+    from moe.offload.policies import Predictive
+
+    res = Residency(4, Predictive(), 2)
+    fetched: list = []
+    engine = CacheEngine(res, lambda layer: 1, fetch=lambda k, p: fetched.append((k, p)), prefetch_budget=lambda: 1)
+    for _ in engine.step(1, [0], torch.tensor([0.9, 0.1, 0, 0])):  # layer 1 holds expert 0
+        pass
+    fetched.clear()
+    votes = torch.tensor([0.6, 0.4, 0.0, 0.0])  # e0 (resident) is the top guess, then e1
+    for _ in engine.step(0, [0], torch.tensor([1.0, 0, 0, 0]), lookahead=[(1, votes)]):
+        pass
+    assert [key for key, prefetch in fetched if prefetch] == [(1, 1)]
+
+
 def test_prefetching_recovers_after_a_run_of_bad_predictions() -> None:
     """Misses raise a layer's confidence threshold; it must come down again when nothing passes
     it, or a threshold above every possible vote (votes are probabilities) ends prefetching."""

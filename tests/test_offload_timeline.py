@@ -155,6 +155,9 @@ def test_measured_preset_reproduces_the_resident_time_it_was_calibrated_on() -> 
             ),
             "resident_s_per_token must be > 0",
         ),
+        (lambda t: simulate_timeline(t, "lru", 2, SLOW_LINK, min_confidence=1.5), "min_confidence must be"),
+        (lambda t: simulate_timeline(t, "lru", 2, SLOW_LINK, layer_capacities=[2]), "layer_capacities must give"),
+        (lambda t: simulate_timeline(t, "lru", 2, SLOW_LINK, layer_capacities=[0, 4]), "layer_capacities must give"),
     ],
 )
 def test_bad_input_is_refused_clearly(call, match: str) -> None:
@@ -183,3 +186,14 @@ def test_preset_expert_bytes_are_moe_quants_sizes() -> None:
     w_in, w_out = torch.randn(1, 2048, 2 * 48), torch.randn(1, 48 * 16, 2048 // 16)
     stored = quantize(w_in, "int4", 64).nbytes + quantize(w_out, "int4", 64).nbytes
     assert stored * 8 == (w_in.numel() + w_out.numel()) * 9 // 2
+
+
+def test_layer_capacities_size_each_layers_pool() -> None:
+    """Layer 0 cycles over 3 experts, layer 1 reuses 1: 3 + 1 slots hit every reuse, 2 + 2 do not."""
+    steps = [(0, [e]) for e in (0, 1, 2)] * 4
+    trace = _trace([(layer, needed) for s in steps for layer, needed in (s, (1, [0]))], 2, 4)
+    split = simulate_timeline(trace, "lru", 2, SLOW_LINK, layer_capacities=[3, 1])
+    even = simulate_timeline(trace, "lru", 2, SLOW_LINK)
+    assert split.hit_rate == pytest.approx((24 - 4) / 24)  # only the 4 first uses copy
+    assert even.hit_rate == pytest.approx(11 / 24)  # layer 0 misses every time with 2 slots
+    assert split.ms_per_token < even.ms_per_token

@@ -135,11 +135,71 @@ def _ep_pyramid_rank(rank: int, world: int, path: str) -> None:
         moe.MoE(D, 3, 3, 1, process_group=group)
 
 
+def _planner_pyramid_rank(rank: int, world: int, path: str) -> None:
+    """Each layer of a pyramid (1, 2 and 4 experts per rank) runs its own adaptive planner; while
+    they explore and after they settle, every step equals one process on the global batch:
+    outputs, input and parameter gradients."""
+    from moe.parallel import PlannerConfig
+
+    group = dist.group.WORLD
+    single = Net().double()
+    if rank == 0:
+        save_checkpoint(single, path)
+    dist.barrier()
+    cfg = PlannerConfig(chunk_options=(1, 2), warmup=0, samples=1, check_every=1)
+    ep = Net(process_group=group, planner_config=cfg).double()
+    load_checkpoint(ep, path)
+    candidates = [list(m.parallel.planner.candidates) for m in ep.layers]
+    used: list[set] = [set() for _ in ep.layers]
+    g = torch.Generator().manual_seed(2)
+    tol = dict(rtol=1e-6, atol=1e-8)  # the router computes in fp32 by design
+    for step in range(max(len(c) for c in candidates) + 2):
+        x_all = torch.randn(4 * world, D, generator=g, dtype=torch.float64, requires_grad=True)
+        w_all = torch.randn(4 * world, D, generator=g, dtype=torch.float64)
+        single.zero_grad(set_to_none=True)
+        (single(x_all) * w_all).sum().backward()
+        mine = slice(4 * rank, 4 * rank + 4)
+        x = x_all.detach()[mine].clone().requires_grad_()
+        ep.zero_grad(set_to_none=True)
+        y = ep(x)
+        for i, m in enumerate(ep.layers):
+            used[i].add(m.parallel.last_plan)
+        (y * w_all[mine]).sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(y, single(x_all.detach())[mine], **tol, msg=f"step {step}: output")
+        torch.testing.assert_close(x.grad, x_all.grad[mine], **tol, msg=f"step {step}: input grad")
+        for i, (mp_, ms) in enumerate(zip(ep.layers, single.layers, strict=True)):
+            want_in, want_out = _shard_of(mp_, ms.experts.w_in.grad, ms.experts.w_out.grad)
+            torch.testing.assert_close(mp_.experts.w_in.grad, want_in, **tol, msg=f"step {step} layer {i}: w_in")
+            torch.testing.assert_close(mp_.experts.w_out.grad, want_out, **tol, msg=f"step {step} layer {i}: w_out")
+            for (name, p), q in zip(mp_.named_parameters(), ms.parameters(), strict=True):
+                if name.startswith("experts."):
+                    continue
+                grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                dist.all_reduce(grad)  # replicated (router, dense branch): summed over ranks
+                torch.testing.assert_close(grad, q.grad, **tol, msg=f"step {step} layer {i}: {name}")
+    for i, cands in enumerate(candidates):  # each layer's planner ran every plan it had
+        assert used[i] == set(cands), (i, used[i], cands)
+
+
+def _shard_of(layer: moe.MoE, w_in: torch.Tensor, w_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This rank's shard of a single process's full expert tensors, laid out as `layer` stores them."""
+    cfg = layer.config
+    probe = moe.parallel.ParallelExperts(cfg.num_experts, D, H, cfg.activation, "auto", dist.group.WORLD).double()
+    probe.load_global(w_in, w_out)
+    return probe.w_in.detach(), probe.w_out.detach()
+
+
+def _ep_pyramid(rank: int, world: int, path: str) -> None:
+    _ep_pyramid_rank(rank, world, path)
+    _planner_pyramid_rank(rank, world, path + ".planner")
+
+
 @pytest.mark.distributed
-def test_ep_pyramid_checkpoints_reshard(tmp_path: Path) -> None:
+def test_ep_pyramid_checkpoints_reshard_and_plan_per_layer(tmp_path: Path) -> None:
     from test_parallel import _spawn
 
-    _spawn(_ep_pyramid_rank, 2, str(tmp_path / "pyr.safetensors"))
+    _spawn(_ep_pyramid, 2, str(tmp_path / "pyr.safetensors"))
 
 
 def test_deepspeed_prepare_names_the_layer_of_a_bad_pyramid() -> None:
@@ -150,3 +210,38 @@ def test_deepspeed_prepare_names_the_layer_of_a_bad_pyramid() -> None:
     _check_preparable("layers.0", net.layers[0], 2)
     with pytest.raises(ValueError, match=r"layers.1: num_experts \(6\) must be divisible by ep_size \(4\)"):
         _check_preparable("layers.1", net.layers[1], 4)
+
+
+# --- Hugging Face patching ------------------------------------------------------------------
+
+
+def test_hf_patch_and_unpatch_of_a_pyramid_mixtral() -> None:
+    """HF configs give one expert count per model; a pyramid built from it (layer 1's block swapped
+    for one with 8 experts, top-3) patches layer by layer from each block's own weights and
+    unpatches back, with equal logits."""
+    transformers = pytest.importorskip("transformers")
+    from hf_tiny import tiny_config
+
+    from moe.integrations.transformers import patch, unpatch
+
+    torch.manual_seed(0)
+    cfg = tiny_config("mixtral")
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    wide = cfg.__class__(**{**cfg.to_dict(), "num_local_experts": 8, "num_experts_per_tok": 3})
+    block = type(model.model.layers[1].mlp)(wide)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.2)
+    model.model.layers[1].mlp = block
+    ids = torch.randint(3, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert patch(model) == 2
+    layers = [layer.mlp.moe for layer in model.model.layers]
+    assert [(m.config.num_experts, m.config.top_k) for m in layers] == [(6, 2), (8, 3)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert unpatch(model) == 2
+    assert type(model.model.layers[1].mlp) is type(block)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,8 @@ __all__ = [
     "expert_weights",
     "gpt_oss_weights",
     "interleave",
+    "deinterleave",
+    "bias_holder",
     "read_option",
     "check_silu",
 ]
@@ -119,6 +121,29 @@ def _deepseek_v2_router(block: nn.Module) -> RouterConfig:
     )
 
 
+def _minimax_m2_router(block: nn.Module) -> RouterConfig:
+    # sigmoid scores, top-k on score + e_score_correction_bias (held by the block, not its gate),
+    # the selected scores renormalised, unscaled, no groups.
+    jitter = float(read_option(block, "jitter_noise", default=0.0))
+    if jitter > 0:
+        raise TypeError(
+            f"{type(block).__name__} has router_jitter_noise={jitter}: its training-mode input jitter "
+            "(which also scales the experts' input) has no counterpart in our aux-free router"
+        )
+    return AuxFreeConfig(score_func="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True)
+
+
+def _ernie_router(block: nn.Module) -> RouterConfig:
+    # softmax scores, top-k on score + e_score_correction_bias (gate.moe_statics), the selected scores
+    # renormalised (HF clamps the sum at moe_norm_min; a top-k softmax sum is >= K/E, far above it).
+    norm_min = float(read_option(block, "moe_norm_min", "norm_min", default=1e-12))
+    if norm_min > 1e-6:
+        raise TypeError(f"{type(block).__name__}: moe_norm_min={norm_min} can clamp the renormaliser; ours has none")
+    if read_option(block, "use_bias", default=False):
+        raise TypeError(f"{type(block).__name__}: use_bias=True gives its shared experts biases; ours have none")
+    return AuxFreeConfig(score_func="softmax", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True)
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """How one HF family's sparse MoE block maps onto moe.MoE.
@@ -140,6 +165,9 @@ class FamilySpec:
         activation: "swiglu", or "swiglu_oai" (GPT-OSS: clamped SwiGLU, interleaved gate/up, biases).
         rounds_weights: HF's router returns the gate weights in the model dtype (Qwen, OLMoE,
             Jamba, Granite); Mixtral and MiniMax return them in fp32. Used by routing_dtype="model".
+        bias_holder: dotted path from the block to the module holding e_score_correction_bias,
+            None for the router itself: "" (the block, MiniMax-M2) or "gate.moe_statics" (ERNIE 4.5,
+            a [1, E] parameter).
     """
 
     family: str
@@ -154,6 +182,7 @@ class FamilySpec:
     rounds_weights: bool = True
     activation: str = "swiglu"
     returns_tuple: bool = False
+    bias_holder: str | None = None
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -203,7 +232,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("Jamba", ("JambaSparseMoeBlock",), "topk", _unnormalised_topk_router, router_attr="router"),
     FamilySpec(
         "Granite-MoE",
-        ("GraniteMoeMoE", "GraniteMoeSharedMoE"),
+        ("GraniteMoeMoE", "GraniteMoeSharedMoE", "GraniteMoeSWAMoE", "GraniteMoeHybridMoE"),
         "topk",
         _normalised_topk_router,
         router_attr="router",
@@ -218,10 +247,66 @@ FAMILIES: tuple[FamilySpec, ...] = (
         returns_tuple=True,
     ),
     FamilySpec("PhiMoE", ("PhimoeSparseMoeBlock",), "sparsemixer", _sparsemixer_router, router_attr="router"),
+    # Found by comparing every MoE block of transformers 5.25 with our routers on tiny random
+    # configs, then read: the same math as the family named in the comment.
+    # GLM-4.5 / DeepSeek-V3 routing (fp32 router, sigmoid + bias, group-limited, scaled), ungated shared experts:
+    FamilySpec(
+        "EXAONE-MoE",
+        ("ExaoneMoeSparseMoEBlock",),
+        "aux_free",
+        _deepseek_v3_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+    ),
+    FamilySpec(
+        "MiniCPM5-MoE",
+        ("MiniCPM5MoeMoE",),
+        "aux_free",
+        _deepseek_v3_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+    ),
+    FamilySpec(
+        "Solar-Open",
+        ("SolarOpenMoE",),
+        "aux_free",
+        _deepseek_v3_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+    ),
+    FamilySpec("Mellum", ("MellumSparseMoeBlock",), "topk", _softmax_topk_router),  # Qwen3-MoE routing
+    # Mixtral routing (softmax top-k, always renormalised); Qwen3.5 adds Qwen2-MoE's gated shared expert.
+    FamilySpec("Qwen3-VL-MoE", ("Qwen3VLMoeTextSparseMoeBlock",), "topk", _mixtral_router),
+    FamilySpec(
+        "Qwen3.5-MoE",
+        ("Qwen3_5MoeSparseMoeBlock",),
+        "topk",
+        _mixtral_router,
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+    ),
+    FamilySpec("MiniMax-M2", ("MiniMaxM2SparseMoeBlock",), "aux_free", _minimax_m2_router, bias_holder=""),
+    FamilySpec(
+        "ERNIE-4.5-MoE",
+        ("Ernie4_5_MoeSparseMoeBlock",),
+        "aux_free",
+        _ernie_router,
+        shared_expert="shared_experts",
+        router_logits_fp32=True,
+        bias_holder="gate.moe_statics",
+    ),
 )
 
 SPECS_BY_CLASS: dict[str, FamilySpec] = {name: spec for spec in FAMILIES for name in spec.block_classes}
 SUPPORTED_BLOCKS: tuple[str, ...] = tuple(SPECS_BY_CLASS)
+
+
+def bias_holder(block: nn.Module, spec: FamilySpec) -> nn.Module:
+    """The module of `block` that holds the family's e_score_correction_bias (see FamilySpec.bias_holder)."""
+    if spec.bias_holder is None:
+        holder: nn.Module = getattr(block, spec.router_attr)
+        return holder
+    return block.get_submodule(spec.bias_holder)
 
 
 def spec_for(block: nn.Module) -> FamilySpec:
@@ -258,9 +343,12 @@ def gpt_oss_weights(block: nn.Module) -> ExpertWeights:
     bias = getattr(experts, "gate_up_proj_bias", None)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(bias, torch.Tensor):
         raise TypeError(f"{type(block).__name__}.experts has no gate_up_proj / gate_up_proj_bias (GPT-OSS layout)")
-    w_in = torch.cat([gate_up[..., ::2], gate_up[..., 1::2]], dim=-1)
-    b_in = torch.cat([bias[..., ::2], bias[..., 1::2]], dim=-1)
-    return ExpertWeights(w_in, experts.down_proj, False, b_in, experts.down_proj_bias)
+    return ExpertWeights(deinterleave(gate_up), experts.down_proj, False, deinterleave(bias), experts.down_proj_bias)
+
+
+def deinterleave(columns: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's interleaved [..., 2I] (gate even, up odd) -> our [gate | up] halves (inverse of interleave)."""
+    return torch.cat([columns[..., ::2], columns[..., 1::2]], dim=-1)
 
 
 def interleave(halves: torch.Tensor) -> torch.Tensor:

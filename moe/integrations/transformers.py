@@ -13,14 +13,19 @@ group_limited_greedy), GLM-4.5 / GLM-4.5-lite / GLM-4.5V text (DeepSeek-V3 routi
 MiniMax, Qwen3-Next, Jamba, Granite-MoE (+Shared: its shared_mlp sits outside the block and stays
 HF's), PhiMoE (sparsemixer top-2, eval mode only: training-mode sparsemixer samples and raises),
 GPT-OSS (router bias, softmax over the top-k logits; experts with biases and the clamped
-"swiglu_oai" activation, interleaved gate/up columns de-interleaved on the way in; one device, not offloaded).
+"swiglu_oai" activation, interleaved gate/up columns de-interleaved on the way in; one device, no fused kernel),
+EXAONE-MoE, MiniCPM5-MoE and Solar-Open (GLM-4.5 routing), Mellum (Qwen3-MoE routing), Qwen3-VL-MoE
+text and Qwen3.5-MoE (Mixtral routing; Qwen3.5 with a gated shared expert), MiniMax-M2 (sigmoid +
+bias top-k, renormalised; the bias lives on the block), ERNIE 4.5 MoE (softmax + bias top-k,
+renormalised; the bias is a [1, E] parameter in gate.moe_statics), Granite-MoE-SWA and -Hybrid (Granite).
 Blocks that hold `experts` but are not one of these are left untouched with a warning naming the
-block and the reason (unknown classes: unverified math).
+block and the reason (REFUSED_BLOCKS: known and why, e.g. Llama 4, JetMoE; other classes: unverified math).
 transformers itself is never imported: blocks are recognised by class name (moe.integrations.hf_families).
 
 After patch(): output_router_logits=True works (our blocks hand HF's output collector the router
 logits, so HF's own aux loss comes from our routers); moe.aux_loss(model) also works.
-unpatch(model) before save_pretrained gives a checkpoint the unpatched HF class loads.
+unpatch(model) before save_pretrained gives a checkpoint the unpatched HF class loads
+(unpatch(model, merge_adapters=True) with LoRA-MoE adapters: plain LoRA / MoS folded into the weights).
 
 Differences that remain, by design:
     - By default our routers compute logits in fp32 from fp32 copies of x and W; HF's Mixtral /
@@ -49,6 +54,7 @@ from moe.integrations.hf_families import (
     PER_EXPERT_NAMES,
     SUPPORTED_BLOCKS,
     FamilySpec,
+    bias_holder,
     check_silu,
     expert_weights,
     interleave,
@@ -162,9 +168,9 @@ def _build(
     _copy_into(_tensor(layer.router, "weight"), router_weight)
     if getattr(router_config, "bias", False):
         _copy_into(_tensor(layer.router, "bias"), gate.bias)
-    bias = getattr(gate, "e_score_correction_bias", None)
-    if spec.router == "aux_free" and isinstance(bias, torch.Tensor):
-        _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float())  # the bias stays fp32 in any dtype
+    bias = getattr(bias_holder(block, spec), "e_score_correction_bias", None)
+    if spec.router == "aux_free" and isinstance(bias, torch.Tensor):  # the bias stays fp32 in any dtype
+        _copy_into(_tensor(layer.router, "e_score_correction_bias"), bias.float().reshape(-1))
     if shared is not None:
         assert layer.shared_experts is not None
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -262,8 +268,24 @@ class HFMoEBlock(nn.Module):
         return f"replaces={self.source}, returns_router_logits={self.returns_router_logits}"
 
 
-# Blocks we recognise but cannot express exactly, and why (patch leaves them untouched).
-REFUSED_BLOCKS: dict[str, str] = {}
+# Blocks we recognise but do not convert, and why (patch leaves them untouched). Read in
+# transformers 5.25; any other block holding `experts` gets the generic "unverified" reason.
+REFUSED_BLOCKS: dict[str, str] = {
+    "Llama4TextMoe": "Llama 4 scales each expert's input by its sigmoid gate (routed_in = x * score), not the "
+    "expert's output; with nonlinear experts moe.MoE's output weighting is a different function",
+    "Ernie4_5_VLMoeSparseMoeBlock": "ERNIE 4.5 VL routes text and vision tokens to separate expert sets; not "
+    "mapped onto our routers",
+    "HunYuanMoEV1Moe": "HunYuan's gate (gate.wg, per-layer expert counts and top-k) is not mapped onto our routers yet",
+    "NemotronHMoE": "its experts use ReLU^2 (ReLUSquaredActivation); moe.MoE experts are SwiGLU",
+    "ErgoMoE": "its experts use ReLU^2 (ReLUSquaredActivation); moe.MoE experts are SwiGLU",
+    "SwitchTransformersSparseMLP": "encoder-decoder Switch MLP with capacity-limited top-1 and dense experts "
+    "(ReLU, no gate); moe.MoE experts are SwiGLU",
+    "JetMoeMoE": "JetMoE's MoE MLP keeps its experts as input_linear / output_linear (no `experts` module) and "
+    "adds a learned output bias after the experts; not mapped onto moe.MoE yet",
+    "JetMoeMoA": "JetMoE's mixture-of-attention-heads routes attention projections, not MLPs; moe.MoE is an MLP layer",
+    "NllbMoeSparseMLP": "NLLB's capacity-limited top-2 with its second-expert policy and ReLU experts; "
+    "moe.MoE experts are SwiGLU",
+}
 
 
 @dataclass(frozen=True)
@@ -420,9 +442,13 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
     _assign(gate, "weight", _tensor(layer.router, "weight"), written)
     if isinstance(getattr(gate, "bias", None), torch.Tensor):
         _assign(gate, "bias", _tensor(layer.router, "bias"), written)
-    if isinstance(getattr(gate, "e_score_correction_bias", None), torch.Tensor):
-        _assign(gate, "e_score_correction_bias", _tensor(layer.router, "e_score_correction_bias"), written)
-    if spec.shared_expert:
+    holder = bias_holder(block, spec)
+    if isinstance(getattr(holder, "e_score_correction_bias", None), torch.Tensor):
+        ours = _tensor(layer.router, "e_score_correction_bias")  # [E]; ERNIE keeps [1, E]
+        _assign(
+            holder, "e_score_correction_bias", ours.reshape(_tensor(holder, "e_score_correction_bias").shape), written
+        )
+    if spec.shared_expert and getattr(block, spec.shared_expert) is not None:  # ERNIE may have none
         assert layer.shared_experts is not None
         shared = getattr(block, spec.shared_expert)
         for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -437,10 +463,30 @@ def to_hf(wrapper: HFMoEBlock) -> nn.Module:
     return block
 
 
-def unpatch(model: nn.Module) -> int:
+def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> int:
     """Puts the original HF blocks back in place of every HFMoEBlock made by patch(), with the
     current (e.g. fine-tuned) weights, so model.save_pretrained(dir) loads into the unpatched HF
-    class. Returns the number of blocks restored."""
+    class. Returns the number of blocks restored.
+
+    LoRA-MoE adapters (moe.lora) are not part of any HF class, so a model carrying them is refused
+    unless merge_adapters=True, which first folds them into the weights they adapt (moe.lora.merge_lora_moe:
+    exact for plain LoRA, i.e. one expert, and MoS). A routed mixture (more than one LoRA expert) cannot
+    be folded: it is refused either way, and the message says to keep it as an adapter file.
+
+    Raises:
+        ValueError: adapters present and merge_adapters=False, or routed adapters (model unchanged).
+    """
+    from moe.lora import adapter_modules, merge_lora_moe
+
+    adapters = list(adapter_modules(model))
+    if adapters and not merge_adapters:
+        raise ValueError(
+            f"unpatch: the model carries {len(adapters)} LoRA-MoE adapter(s), e.g. {adapters[:3]}, which "
+            "save_pretrained would write under names the HF class cannot load; fold them into the weights "
+            "first: unpatch(model, merge_adapters=True) or moe.lora.merge_lora_moe(model)"
+        )
+    if adapters:
+        merge_lora_moe(model)  # raises, changing nothing, on routed adapters
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
     for name, wrapper in targets:
         block = to_hf(wrapper)

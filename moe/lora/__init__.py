@@ -5,6 +5,7 @@ moe.lora.apply_lora_moe(model, ["q_proj", "v_proj"], config=moe.lora.LoRAMoEConf
 loss = lm_loss + moe.aux_loss(model)
 moe.lora.save_lora_moe(model, "adapter.safetensors")
 moe.lora.load_lora_moe(fresh_base_model, "adapter.safetensors")
+moe.lora.merge_lora_moe(model)   # plain LoRA (one expert) and MoS folded into the weights
 """
 
 from moe.lora.adapter_checkpoint import adapter_state_dict, load_lora_moe, read_metadata, save_lora_moe
@@ -19,6 +20,7 @@ from moe.lora.dynmole import (
     tsallis_entropy,
 )
 from moe.lora.linear import LoRAMoELinear, lora_experts_dense, lora_experts_grouped
+from moe.lora.merge import merge_lora_moe, routed_adapters
 from moe.lora.mos import MoSLinear, MoSPool
 
 
@@ -35,6 +37,8 @@ __all__ = [
     "read_metadata",
     "adapter_state_dict",
     "adapter_modules",
+    "merge_lora_moe",
+    "routed_adapters",
     "trainable_parameters",
     "experts_per_layer",
     "find_targets",

@@ -7,13 +7,15 @@
 Importing this package loads no model and probes no device; transformers is imported by load() only.
 """
 
+from moe.offload.batched import BatchedRun, Request, RequestResult, generate_batched
 from moe.offload.cache import BudgetError, CacheStats, Residency
 from moe.offload.checkpoint import CheckpointError
 from moe.offload.cost import CostModel, measure
-from moe.offload.engine import CacheEngine
+from moe.offload.engine import MIN_CONFIDENCE, CacheEngine
 from moe.offload.loader import OffloadedModel, load
 from moe.offload.policies import LFU, LRU, POLICIES, Belady, Policy, Predictive, make_policy
 from moe.offload.runtime import OffloadConfig, OffloadedExperts, OffloadRuntime
+from moe.offload.schedule import SCHEDULERS, BatchQueue, SchedulerConfig, TokenRoutes, pick_batch
 from moe.offload.simulate import iid_hit_rate, shuffled, simulate
 from moe.offload.store import ExpertShape, ExpertStore
 from moe.offload.synthetic import SyntheticConfig, synthetic_trace
@@ -29,6 +31,7 @@ __all__ = [
     "ExpertShape",
     "Residency",
     "CacheEngine",
+    "MIN_CONFIDENCE",
     "CacheStats",
     "BudgetError",
     "CheckpointError",
@@ -49,4 +52,13 @@ __all__ = [
     "iid_hit_rate",
     "SyntheticConfig",
     "synthetic_trace",
+    "generate_batched",
+    "Request",
+    "RequestResult",
+    "BatchedRun",
+    "SchedulerConfig",
+    "SCHEDULERS",
+    "BatchQueue",
+    "pick_batch",
+    "TokenRoutes",
 ]

@@ -8,6 +8,9 @@ Expert layouts understood (HF names; both become our coalesced buffer [w_in D x 
     fused:      <prefix>.experts.gate_up_proj [E, 2I, D] (rows [:I] gate), <prefix>.experts.down_proj [E, D, I]
     Granite:    <prefix>.input_linear.weight [E, 2I, D] (rows [:I] gate), <prefix>.output_linear.weight [E, D, I]
                 (the names GraniteMoe checkpoints keep on disk; 5.x renames them to experts.* on load)
+    GPT-OSS:    <prefix>.experts.gate_up_proj [E, D, 2I] (x @ W, gate/up interleaved: even columns gate),
+                <prefix>.experts.down_proj [E, I, D], and per-expert biases gate_up_proj_bias [E, 2I]
+                (interleaved), down_proj_bias [E, D]; read with layout="gpt_oss" (index_experts).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from moe.integrations.hf_families import deinterleave
 
 __all__ = [
     "CheckpointError",
@@ -38,6 +43,12 @@ _FUSED = re.compile(
     r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\."
     r"(?:experts\.(?P<proj>gate_up_proj|down_proj)|(?P<granite>input_linear|output_linear)\.weight)$"
 )
+_FUSED_BIAS = re.compile(
+    r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\.(?P<proj>gate_up_proj_bias|down_proj_bias)$"
+)
+# GPT-OSS's MXFP4 expert tensors (as on the hub): not read, refused with a message (loader).
+MXFP4_SUFFIXES = ("_blocks", "_scales")
+LAYOUTS = ("hf", "gpt_oss")
 _ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
@@ -116,6 +127,11 @@ class ExpertLocation:
     fused_gate_up: tuple[str, str] | None = None  # [E, 2I, D]
     fused_down: tuple[str, str] | None = None  # [E, D, I]
     index: int = 0
+    # GPT-OSS (layout "gpt_oss"): fused_gate_up is [E, D, 2I] interleaved, fused_down [E, I, D],
+    # and the biases [E, 2I] (interleaved) / [E, D]; None elsewhere.
+    layout: str = "hf"
+    fused_gate_up_bias: tuple[str, str] | None = None
+    fused_down_bias: tuple[str, str] | None = None
 
 
 @dataclass
@@ -128,10 +144,24 @@ class ExpertIndex:
     prefixes: dict[int, str] = field(default_factory=dict)  # model layer -> checkpoint block prefix
 
 
-def index_experts(names: dict[str, str]) -> ExpertIndex:
-    """Splits checkpoint tensor names into routed-expert tensors and the rest."""
+def index_experts(names: dict[str, str], layout: str = "hf") -> ExpertIndex:
+    """Splits checkpoint tensor names into routed-expert tensors and the rest.
+
+    layout: "hf" (every family but GPT-OSS) or "gpt_oss" (x @ W fused tensors, interleaved gate/up,
+    expert biases); the caller knows the family (config.json), the names alone do not say.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     idx = ExpertIndex()
     for name, path in names.items():
+        m = _FUSED_BIAS.match(name) if layout == "gpt_oss" else None
+        if m is not None:
+            shape = read_header(path)[name]["shape"]
+            layer = int(m["layer"])
+            for e in range(int(shape[0])):
+                loc = idx.experts.setdefault((layer, e), ExpertLocation(index=e, layout=layout))
+                setattr(loc, "fused_" + m["proj"].replace("_proj", ""), (path, name))
+            continue
         m = _PER_EXPERT.match(name)
         if m is not None:
             layer, e = int(m["layer"]), int(m["e"])
@@ -146,7 +176,7 @@ def index_experts(names: dict[str, str]) -> ExpertIndex:
             idx.prefixes[layer] = m["prefix"]
             idx.fused_counts[layer] = int(shape[0])
             for e in range(int(shape[0])):
-                loc = idx.experts.setdefault((layer, e), ExpertLocation(index=e))
+                loc = idx.experts.setdefault((layer, e), ExpertLocation(index=e, layout=layout))
                 if m["proj"] == "gate_up_proj" or m["granite"] == "input_linear":
                     loc.fused_gate_up = (path, name)
                 else:
@@ -192,6 +222,8 @@ class ShardReader:
 
     def expert_shapes(self, loc: ExpertLocation) -> tuple[int, int]:
         """(D, I) of one expert, from headers only."""
+        if loc.layout == "gpt_oss":
+            return self._gpt_oss_shapes(loc)
         if loc.fused_gate_up is not None and loc.fused_down is not None:
             _, two_i, d = self.shape(loc.fused_gate_up)
             _, d2, i = self.shape(loc.fused_down)
@@ -209,6 +241,11 @@ class ShardReader:
         """Writes [w_in (D x 2I, gate columns first) | w_out (I x D)] into out_flat (1-D, out's dtype)."""
         w_in = out_flat[: d * 2 * i].view(d, 2 * i)
         w_out = out_flat[d * 2 * i : d * 2 * i + i * d].view(i, d)
+        if loc.layout == "gpt_oss":
+            assert loc.fused_gate_up is not None and loc.fused_down is not None  # checked by expert_shapes
+            w_in.copy_(deinterleave(self.row(loc.fused_gate_up, loc.index)))  # [D, 2I] interleaved on disk
+            w_out.copy_(self.row(loc.fused_down, loc.index))
+            return
         if loc.fused_gate_up is not None and loc.fused_down is not None:
             w_in.copy_(self.row(loc.fused_gate_up, loc.index).t())
             w_out.copy_(self.row(loc.fused_down, loc.index).t())
@@ -218,3 +255,23 @@ class ShardReader:
         w_in[:, :i].copy_(self.tensor(loc.gate).t())
         w_in[:, i:].copy_(self.tensor(loc.up).t())
         w_out.copy_(self.tensor(loc.down).t())
+
+    def _gpt_oss_shapes(self, loc: ExpertLocation) -> tuple[int, int]:
+        if loc.fused_gate_up is None or loc.fused_down is None:
+            raise CheckpointError(
+                f"GPT-OSS expert tensors incomplete: gate_up={loc.fused_gate_up}, down={loc.fused_down}"
+            )
+        _, d, two_i = self.shape(loc.fused_gate_up)
+        _, i, d2 = self.shape(loc.fused_down)
+        if d2 != d or two_i != 2 * i:
+            raise CheckpointError(f"GPT-OSS expert shapes disagree: gate_up [*, {d}, {two_i}], down [*, {i}, {d2}]")
+        for where, want in ((loc.fused_gate_up_bias, [2 * i]), (loc.fused_down_bias, [d])):
+            if where is None or self.shape(where)[1:] != want:
+                raise CheckpointError(f"GPT-OSS expert biases missing or misshapen: {where} (expected [E, {want[0]}])")
+        return d, i
+
+    def read_expert_bias(self, loc: ExpertLocation) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(b_in [2I] gate entries first, b_out [D]) of one expert, or None if the layout has no biases."""
+        if loc.fused_gate_up_bias is None or loc.fused_down_bias is None:
+            return None
+        return deinterleave(self.row(loc.fused_gate_up_bias, loc.index)), self.row(loc.fused_down_bias, loc.index)

@@ -20,7 +20,13 @@ import torch
 from moe.offload.cache import Residency
 from moe.offload.policies import Key, Predictive
 
-__all__ = ["CacheEngine", "link_budget"]
+__all__ = ["MIN_CONFIDENCE", "CacheEngine", "link_budget"]
+
+# A guess is prefetched only when the forecast gives it at least this router probability. A wrong
+# guess costs its copy and evicts an expert that may be needed again; below ~0.2 the guesses that
+# ran on the decode timeline were wrong often enough to move more bytes than LRU (hit rate below
+# LRU's) for a few percent of ms/token. The sweep behind the value: BENCHMARKS.md, issue 15.
+MIN_CONFIDENCE = 0.2
 
 # fetch(key, prefetch): start copying key to the device; prefetch=False for a demand miss.
 Fetch = Callable[[Key, bool], None]
@@ -60,6 +66,8 @@ class CacheEngine:
             before the next layer's demand); None: no limit.
         admit_cpu_misses: asked after each miss computed on the CPU whether to also copy that
             expert in, as a prefetch, now (e.g. while the link is idle); None: never.
+        min_confidence: the least forecast router probability worth a prefetch (a floor under
+            the per-layer threshold that adapts to each layer's prefetch precision).
     """
 
     def __init__(
@@ -70,11 +78,15 @@ class CacheEngine:
         max_prefetch: int | None = None,
         prefetch_budget: Callable[[], int] | None = None,
         admit_cpu_misses: Callable[[], bool] | None = None,
+        min_confidence: float = MIN_CONFIDENCE,
     ) -> None:
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be a router probability in [0, 1], got {min_confidence}")
         self.residency, self.expert_bytes, self.fetch = residency, expert_bytes, fetch
         self.max_prefetch = max_prefetch
         self.prefetch_budget = prefetch_budget  # None: no limit from the link
         self.admit_cpu_misses = admit_cpu_misses
+        self.min_confidence = min_confidence
         self.threshold: dict[int, float] = {}  # layer -> min confidence to prefetch (adapts to precision)
         self.pending: dict[int, set[int]] = {}  # layer -> experts prefetched for its next step
 
@@ -195,9 +207,11 @@ class CacheEngine:
         assert isinstance(policy, Predictive)
         # Python floats: indexing a tensor element by element costs ~1 us each, per step.
         votes = votes_E.float().cpu().tolist()
-        thr = self.threshold.get(layer, 0.0)
+        thr = max(self.threshold.get(layer, 0.0), self.min_confidence)
         order = sorted(range(len(votes)), key=lambda e: -votes[e])  # stable: ties by expert id
-        candidates = [e for e in order if votes[e] > 0 and votes[e] >= thr]
+        # Residents are skipped before the caps: a resident guess costs no copy, so it must not
+        # use up the link's budget that a missing expert could have had.
+        candidates = [e for e in order if votes[e] > 0 and votes[e] >= thr and (layer, e) not in res]
         if self.max_prefetch is not None:
             candidates = candidates[: self.max_prefetch]
         if budget is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from moe.offload.cache import CacheStats, Residency
-from moe.offload.engine import CacheEngine
+from moe.offload.engine import MIN_CONFIDENCE, CacheEngine
 from moe.offload.policies import Belady, Policy, make_policy
 from moe.offload.trace import Trace
 
@@ -23,6 +23,7 @@ def simulate(
     scope: str = "layer",
     lookahead: int | None = None,
     max_prefetch: int | None = None,
+    min_confidence: float = MIN_CONFIDENCE,
 ) -> CacheStats:
     """Hit/transfer counters of `policy` on `trace` with `capacity` experts per layer.
 
@@ -33,13 +34,14 @@ def simulate(
         scope: "layer" or "global".
         lookahead: layers ahead to prefetch (predictive; default: all the trace recorded).
         max_prefetch: cap on prefetches per predicted layer and step.
+        min_confidence: the least forecast router probability worth a prefetch.
     """
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1 expert per layer, got {capacity}")
     pol: Policy = Belady(trace.requests()) if policy == "belady" else make_policy(policy)
     budget = capacity * trace.num_layers
     res = Residency(budget, pol, trace.num_layers, scope)
-    engine = CacheEngine(res, lambda layer: 1, max_prefetch=max_prefetch)
+    engine = CacheEngine(res, lambda layer: 1, max_prefetch=max_prefetch, min_confidence=min_confidence)
     depth = trace.lookahead if lookahead is None else min(lookahead, trace.lookahead)
     for s in range(trace.num_steps):
         layer = int(trace.layer_S[s])

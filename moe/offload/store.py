@@ -5,6 +5,9 @@ single transfer. Disk reads run on one worker thread; an expert already in RAM i
 calling thread. On CUDA the host -> device copies run on two copy streams (demand misses,
 prefetches), so both overlap compute.
 
+With quantized experts (OffloadConfig.expert_quant) the buffers are uint8 and the shapes are
+moe.offload.quantized.QuantizedExpertShape: the same code moves and counts the quantized bytes.
+
 Shape legend: D model dim, H expert hidden dim, F = 2H (SwiGLU).
 """
 

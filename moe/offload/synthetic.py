@@ -20,7 +20,7 @@ import torch
 from moe.config import check_int, check_unit, positional_deprecated
 from moe.offload.trace import Trace
 
-__all__ = ["SyntheticConfig", "synthetic_trace"]
+__all__ = ["SyntheticConfig", "synthetic_tokens", "synthetic_trace"]
 
 
 @positional_deprecated
@@ -77,11 +77,21 @@ def _zipf_probs(n: int, s: float) -> torch.Tensor:
     return (w / w.sum()).float()
 
 
+def _draw_tokens(cfg: SyntheticConfig, g: torch.Generator) -> torch.Tensor:
+    return torch.multinomial(_zipf_probs(cfg.vocab, cfg.vocab_zipf), cfg.tokens, replacement=True, generator=g)
+
+
+def synthetic_tokens(cfg: SyntheticConfig) -> torch.Tensor:
+    """The token ids [T] synthetic_trace(cfg) routes, one per decode step (the batched benchmark's
+    token-id predictor reads them)."""
+    return _draw_tokens(cfg, torch.Generator().manual_seed(cfg.seed))
+
+
 def synthetic_trace(cfg: SyntheticConfig) -> Trace:
     """A token-by-token decode trace: T * L steps, one token per step."""
     g = torch.Generator().manual_seed(cfg.seed)
     t_, l_, e_, d = cfg.tokens, cfg.num_layers, cfg.num_experts, cfg.dim
-    tokens = torch.multinomial(_zipf_probs(cfg.vocab, cfg.vocab_zipf), t_, replacement=True, generator=g)
+    tokens = _draw_tokens(cfg, g)
     u = torch.randn(l_, cfg.vocab, d, generator=g)
     w = torch.randn(l_, e_, d, generator=g) / math.sqrt(d)
     bias = torch.stack([-cfg.zipf * torch.log1p(torch.randperm(e_, generator=g).float()) for _ in range(l_)])

@@ -30,8 +30,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import torch
+
 from moe.offload.cache import Residency
-from moe.offload.engine import CacheEngine, link_budget
+from moe.offload.engine import MIN_CONFIDENCE, CacheEngine, link_budget
 from moe.offload.policies import Belady, Key, Policy, make_policy
 from moe.offload.trace import Trace
 from moe.quant import quantized_expert_bytes
@@ -78,6 +80,8 @@ class Hardware:
         copy_host_s: host time to issue one copy (allocation, the copy call, its event).
         predict_host_s: host time per layer step of the predictive policy's forecast (later
             layers' routers on the current hidden state, and reading their votes).
+        expert_row_s / layer_row_s: device time of each token of a batched step beyond the first,
+            per expert (its rows) and per layer (its non-expert work); see simulate_timeline's rows_SE.
         notes: where the numbers come from.
     """
 
@@ -95,6 +99,10 @@ class Hardware:
     copy_streams: int = 1
     async_copies: bool = True
     notes: str = ""
+    # Batched steps (simulate_timeline's rows_SE): device seconds per token beyond the first, per
+    # expert and per layer (0: a step costs what one token does).
+    expert_row_s: float = 0.0
+    layer_row_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.expert_bytes < 1 or self.h2d_bytes_per_s <= 0:
@@ -109,6 +117,8 @@ class Hardware:
             self.expert_device_s,
             self.copy_host_s,
             self.predict_host_s,
+            self.expert_row_s,
+            self.layer_row_s,
         )
         if min(times) < 0 or self.cpu_expert_s <= 0:
             raise ValueError(f"{self.name}: times must be >= 0 (cpu_expert_s > 0)")
@@ -295,6 +305,10 @@ def simulate_timeline(
     scope: str = "layer",
     lookahead: int | None = None,
     link_budget: bool = True,
+    min_confidence: float = MIN_CONFIDENCE,
+    layer_capacities: list[int] | None = None,
+    tokens_S: torch.Tensor | None = None,
+    rows_SE: torch.Tensor | None = None,
 ) -> TimelineResult:
     """Replays `trace` under `policy` with `capacity` experts per layer on machine `hw`.
 
@@ -308,7 +322,17 @@ def simulate_timeline(
         lookahead: layers predicted ahead (predictive; default all the trace recorded).
         link_budget: start only the prefetches that fit in the link's idle time before the next
             layer's demand copies (False: every confident guess, queued behind demand copies).
+        min_confidence: the least forecast router probability worth a prefetch (CacheEngine).
+        layer_capacities: experts per layer instead of `capacity` for each (scope="layer"; their
+            sum is the budget), e.g. split by hit curves as benchmarks/offload.py measures.
+        tokens_S, rows_SE: batched steps (both or neither): the tokens of each step (int [S]) and
+            the rows each expert computes there (int [S, E]); a step's layer work takes
+            hw.layer_row_s more per token beyond the first, each expert hw.expert_row_s more per
+            row beyond the first, and ms_per_token is the time over all tokens (a forward's tokens
+            are those of its first step). None: one token a step (batch 1).
     """
+    if (tokens_S is None) != (rows_SE is None):
+        raise ValueError("pass tokens_S and rows_SE together (a batched trace) or neither")
     if policy not in TIMELINE_POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {TIMELINE_POLICIES}")
     if capacity < 1:
@@ -324,13 +348,23 @@ def simulate_timeline(
     )
     if policy == "resident":
         capacity = trace.num_experts
-    res = Residency(capacity * trace.num_layers, pol, trace.num_layers, scope, on_evict=link.evicted)
+    budget, shares = capacity * trace.num_layers, None
+    if layer_capacities is not None:
+        if len(layer_capacities) != trace.num_layers or min(layer_capacities) < 1 or scope != "layer":
+            raise ValueError(
+                f"layer_capacities must give each of the {trace.num_layers} layers >= 1 expert "
+                f"(with scope='layer'), got {layer_capacities!r} with scope={scope!r}"
+            )
+        if policy != "resident":
+            budget, shares = sum(layer_capacities), [float(c) for c in layer_capacities]
+    res = Residency(budget, pol, trace.num_layers, scope, on_evict=link.evicted, layer_shares=shares)
     clock = {"host": 0.0, "experts": 0.0}
     engine = CacheEngine(
         res,
         lambda layer: 1,
         prefetch_budget=(lambda: _prefetch_budget(link, clock["host"], hw, clock["experts"])) if link_budget else None,
         admit_cpu_misses=(lambda: link.idle(clock["host"])) if policy.endswith("_cpu") and hw.async_copies else None,
+        min_confidence=min_confidence,
     )
     if policy == "resident":  # every expert already on the device
         for layer in range(trace.num_layers):
@@ -361,11 +395,12 @@ def simulate_timeline(
         layer = int(trace.layer_S[s])
         if layer <= previous_layer:  # a new forward: the last one ended with a host sync
             host = max(host, device)
-            tokens += 1
+            tokens += 1 if tokens_S is None else int(tokens_S[s])
         previous_layer = layer
         launch = host
         host += hw.layer_host_s
-        device = max(device, launch) + hw.layer_device_s
+        extra = 0.0 if tokens_S is None else (int(tokens_S[s]) - 1) * hw.layer_row_s
+        device = max(device, launch) + hw.layer_device_s + extra
         host = max(host, device)  # the router's choice is read on the host
         if base in _PREFETCHING:
             host += hw.predict_host_s
@@ -384,7 +419,8 @@ def simulate_timeline(
             ready = link.ready_at((layer, e), clock["host"]) if hw.async_copies else 0.0
             launch = clock["host"]
             clock["host"] += hw.expert_host_s
-            device = max(device, launch, ready) + hw.expert_device_s
+            extra = 0.0 if rows_SE is None else max(int(rows_SE[s, e]) - 1, 0) * hw.expert_row_s
+            device = max(device, launch, ready) + hw.expert_device_s + extra
         host = clock["host"]
         if policy == "oracle" and s + 1 < trace.num_steps:
             _oracle_prefetch(trace, s + 1, engine)

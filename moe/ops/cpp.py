@@ -39,6 +39,8 @@ __all__ = [
     "swiglu",
     "swiglu_grouped_mm",
     "fused_swiglu_grouped_mm",
+    "quant_matmul",
+    "has_quant_matmul",
 ]
 
 
@@ -54,6 +56,7 @@ _NEEDS = {
     "swiglu": ("swiglu", "swiglu_backward"),
     # not a registry op: moe.ops.activation.swiglu_grouped_mm takes it where swiglu and grouped_mm are cpp's
     "swiglu_grouped_mm": ("swiglu_grouped_mm", "swiglu_grouped_mm_backward"),
+    "quant_matmul": ("quant_matmul",),  # not a registry op: moe.quant.matmul_path picks it
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -144,6 +147,10 @@ def _register_fakes() -> None:
     @fake("moe::grouped_mm_wgrad")
     def _(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return x.new_empty(counts.shape[0], x.shape[1], dy.shape[1])
+
+    @fake("moe::quant_matmul")
+    def _(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero: Any, group_size: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], data.shape[1])
 
     @fake("moe::swiglu")
     def _(h: torch.Tensor) -> torch.Tensor:
@@ -249,6 +256,23 @@ def _swiglu_grouped_mm_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tenso
     return dh if need_h else None, dw if need_w else None, None
 
 
+def _quant_matmul_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.weight = inputs[1:]  # (data, scale, zero, group_size): not differentiable (quantized weights)
+    ctx.k = inputs[0].shape[1]
+
+
+def _quant_matmul_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    from moe.quant import QuantizedWeight, dequantize  # moe.quant imports moe.ops: import on use
+
+    data, scale, zero, group_size = ctx.weight
+    n = data.shape[1]
+    scheme = "int8" if zero is None else "int4"
+    qw = QuantizedWeight(
+        scheme, data[None], scale[None], None if zero is None else zero[None], group_size, (1, ctx.k, n), grad.dtype
+    )
+    return grad @ dequantize(qw, grad.dtype)[0].t(), None, None, None, None
+
+
 def _register_autograd() -> None:
     reg = torch.library.register_autograd
     reg("moe::permute", _permute_backward, setup_context=_permute_setup)
@@ -258,6 +282,7 @@ def _register_autograd() -> None:
     reg("moe::grouped_mm_wgrad", _wgrad_backward, setup_context=_grouped_mm_setup)
     reg("moe::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
     reg("moe::swiglu_grouped_mm", _swiglu_grouped_mm_backward, setup_context=_grouped_mm_setup)
+    reg("moe::quant_matmul", _quant_matmul_backward, setup_context=_quant_matmul_setup)
 
 
 # ---------------------------------------------------------------- registry entry points
@@ -294,6 +319,17 @@ def swiglu_grouped_mm(h_NF: torch.Tensor, w_EHD: torch.Tensor, counts_E: torch.T
 
 
 fused_swiglu_grouped_mm = _available("swiglu_grouped_mm")  # (device) -> whether swiglu_grouped_mm runs there
+
+
+def quant_matmul(
+    x_MK: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """y [M, N] = x_MK @ dequantize(w) with the dequantization inside the GEMM (one expert's
+    moe.quant weight: int8 data [K, N] + scale [1, N], or int4 uint8 [K / 2, N] + scale, zero [K / G, N])."""
+    return torch.ops.moe.quant_matmul(x_MK, data, scale, zero, group_size)
+
+
+has_quant_matmul = _available("quant_matmul")
 
 
 for _op, _fn in (
