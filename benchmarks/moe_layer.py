@@ -1,6 +1,6 @@
 """One MoE layer, forward and forward + backward, ours against the peers and the GEMM floor.
 
-    python benchmarks/moe_layer.py [--config standard|fine|both] [--threads 2] [--reps 10]
+    python benchmarks/moe_layer.py [--config standard|fine|small|both|all] [--threads 2] [--reps 10]
         [--dtype float32] [--device cpu|cuda] [--small] [--keep-freed-memory] [--csv PATH] [--png PATH]
 
 --keep-freed-memory calls moe.keep_freed_memory() first, so glibc keeps freed memory for reuse. By
@@ -11,7 +11,8 @@ weight gradients). jemalloc or tcmalloc (LD_PRELOAD) have the same effect.
 Configs (T tokens, D dim, H expert hidden, E experts, K top-k; SwiGLU experts, F = 2H):
     standard  T=2048 D=1024 H=4096 E=8  K=2
     fine      T=2048 D=1024 H=512  E=64 K=6
-    --small   the same two shapes shrunk to a few-second smoke run (the test uses it).
+    small     T=1024 D=512  H=512  E=8  K=2   (fixed costs; not in "both", which is standard + fine; "all" is the three)
+    --small   the same shapes shrunk to a few-second smoke run (the test uses it).
 
 Candidates, all in one process, built from the same weights (ours copied into each peer):
     ours[b]         moe.MoE(backend=b) for every backend moe.ops.backends_for("grouped_mm", device)
@@ -80,10 +81,12 @@ class Shape:
 CONFIGS = {
     "standard": Shape("standard", 2048, 1024, 4096, 8, 2),
     "fine": Shape("fine", 2048, 1024, 512, 64, 6),
+    "small": Shape("small", 1024, 512, 512, 8, 2),  # issue 21's small shape: F = 2H = 1024
 }
 SMALL = {
     "standard": Shape("standard-small", 128, 64, 128, 8, 2),
     "fine": Shape("fine-small", 128, 64, 32, 16, 6),
+    "small": Shape("small-small", 64, 32, 32, 8, 2),
 }
 CAPACITY_FACTOR = 1.0
 
@@ -566,7 +569,7 @@ def write_png(path: str, rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=("standard", "fine", "both"), default="both")
+    parser.add_argument("--config", choices=("standard", "fine", "small", "both", "all"), default="both")
     parser.add_argument("--small", action="store_true", help="shrunken shapes: a smoke run of a few seconds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -593,7 +596,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     table = SMALL if args.small else CONFIGS
-    names = ["standard", "fine"] if args.config == "both" else [args.config]
+    names = {"both": ["standard", "fine"], "all": ["standard", "fine", "small"]}.get(args.config, [args.config])
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     header = f"{args.dtype}, {where}, median of {args.reps} (warm-up {args.warmup}), torch {torch.__version__}"
     if keeps_freed_memory:

@@ -12,7 +12,9 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include "buffer_pool.h"
 #include "common.h"
+#include "kernels.h"
 
 namespace moe {
 namespace {
@@ -38,6 +40,13 @@ void for_column_blocks(bool on_cpu, int64_t cols, const F& body) {
 
 }  // namespace
 
+void mm_out_by_columns(at::Tensor& y, const at::Tensor& x, const at::Tensor& w) {
+  for_column_blocks(y.is_cpu(), w.size(1), [&](int64_t c0, int64_t c1) {
+    auto y_c = y.narrow(1, c0, c1 - c0);
+    at::mm_out(y_c, x, w.narrow(1, c0, c1 - c0));
+  });
+}
+
 at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& counts) {
   TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 3, "x must be [M, K] and w [E, K, N], got ", shape_str(x.sizes()),
                     " and ", shape_str(w.sizes()));
@@ -46,7 +55,7 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
                     num(w.size(0)));
   TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), "x is ", x.scalar_type(), " but w is ", w.scalar_type());
   const auto ends = segment_ends(counts, x.size(0));
-  auto y = at::empty({x.size(0), w.size(2)}, x.options());
+  auto y = pooled_empty({x.size(0), w.size(2)}, x.options());
   for_column_blocks(x.is_cpu(), w.size(2), [&](int64_t c0, int64_t c1) {
     int64_t start = 0;
     for (int64_t e = 0; e < w.size(0); ++e) {
@@ -67,20 +76,26 @@ at::Tensor grouped_mm_wgrad_impl(const at::Tensor& x, const at::Tensor& dy, cons
                     "x [M, K] and dy [M, N] must share M, got ", shape_str(x.sizes()), " and ", shape_str(dy.sizes()));
   TORCH_CHECK_TYPE(x.scalar_type() == dy.scalar_type(), "x is ", x.scalar_type(), " but dy is ", dy.scalar_type());
   const auto ends = segment_ends(counts, x.size(0));
-  auto dw = at::empty({counts.numel(), x.size(1), dy.size(1)}, x.options());
-  // No column split here: each expert's dW GEMM has only its rows as the inner dimension and a
-  // whole [K, N] output, and BLAS's own threading was as fast (8 experts x 512 rows) or faster
-  // (64 experts x 192 rows, K = N = 1024: ~190 vs ~250 ms) on 2 threads. Most of the rest is
-  // first-touch page faults of the fresh [E, K, N] output, which every framework pays.
-  int64_t start = 0;
-  for (int64_t e = 0; e < counts.numel(); ++e) {
-    auto dw_e = dw[e];
-    if (ends[e] > start) {
-      at::mm_out(dw_e, x.narrow(0, start, ends[e] - start).t(), dy.narrow(0, start, ends[e] - start));
-    } else {
-      dw_e.zero_();
+  auto dw = pooled_empty({counts.numel(), x.size(1), dy.size(1)}, x.options());
+  // Few large experts: BLAS threads each expert's GEMM (a column split was no faster: each dW
+  // GEMM has only its rows as the inner dimension and a whole [K, N] output). Many small
+  // experts: whole experts per thread (for_expert_runs); 64 experts x 192 rows, K = N = 1024,
+  // 2 threads: 2.3x faster than BLAS threading each expert (paired median, shared cores, 2026-12-04).
+  auto run = [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t start = e == 0 ? 0 : ends[e - 1];
+      auto dw_e = dw[e];
+      if (ends[e] > start) {
+        at::mm_out(dw_e, x.narrow(0, start, ends[e] - start).t(), dy.narrow(0, start, ends[e] - start));
+      } else {
+        dw_e.zero_();
+      }
     }
-    start = ends[e];
+  };
+  if (split_by_expert(x.is_cpu(), counts.numel())) {
+    for_expert_runs(ends, run);
+  } else {
+    run(0, counts.numel());
   }
   return dw;
 }

@@ -12,6 +12,7 @@
 
 #include <cstring>
 
+#include "buffer_pool.h"
 #include "common.h"
 
 namespace moe {
@@ -32,7 +33,7 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& token_idx) {
   auto xc = x.contiguous();
   auto idx = token_idx.contiguous();
   check_rows(idx, xc.size(0));
-  auto out = at::empty({idx.numel(), xc.size(1)}, xc.options());
+  auto out = pooled_empty({idx.numel(), xc.size(1)}, xc.options());
   const int64_t row_bytes = xc.size(1) * xc.element_size();
   const char* src = static_cast<const char*>(xc.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
@@ -90,7 +91,7 @@ at::Tensor combine_cpu(const at::Tensor& y, const at::Tensor& token_idx, const a
   auto idx = token_idx.contiguous();
   check_rows(idx, num_tokens);
   auto [start, rows] = rows_by_token(idx, num_tokens);
-  auto out = at::empty({num_tokens, yc.size(1)}, yc.options());
+  auto out = pooled_empty({num_tokens, yc.size(1)}, yc.options());
   const auto acc_type = yc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor w;
   if (weights.defined()) {
@@ -135,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   check_rows(idx, g.size(0));
   const auto acc_type = yc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto w = weights.to(acc_type).contiguous();
-  auto grad_y = at::empty_like(yc);
+  auto grad_y = pooled_empty(yc.sizes(), yc.options());
   auto grad_w = at::empty({yc.size(0)}, yc.options().dtype(acc_type));
   const int64_t dim = yc.size(1);
   const int64_t* id = idx.data_ptr<int64_t>();

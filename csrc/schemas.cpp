@@ -24,6 +24,10 @@ TORCH_LIBRARY(moe, m) {
   m.def("swiglu(Tensor h) -> Tensor");
   // grad_h [N, 2H] of swiglu: [grad_out * up * silu'(gate) | grad_out * silu(gate)].
   m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
+  // grouped_mm(swiglu(h), w, counts): h [N, 2H], w [E, H, D] -> [N, D] (the activation is not kept).
+  m.def("swiglu_grouped_mm(Tensor h, Tensor w, Tensor counts) -> Tensor");
+  // (grad_h [N, 2H], grad_w [E, H, D], or [0] without weight_grad) of swiglu_grouped_mm.
+  m.def("swiglu_grouped_mm_backward(Tensor grad_y, Tensor h, Tensor w, Tensor counts, bool weight_grad) -> (Tensor, Tensor)");
   // y [M, N] = x [M, K] @ dequantize(w) for one quantized weight (moe.quant): int8 data [K, N] with
   // scale [1, N] and no zero (group_size = K), or int4 data uint8 [K / 2, N] with scale and zero
   // [K / G, N]; computed in fp32, returned in x's dtype.

@@ -15,7 +15,9 @@
 #include <cstring>
 #include <type_traits>
 
+#include "buffer_pool.h"
 #include "common.h"
+#include "kernels.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -235,20 +237,43 @@ void check_h(const at::Tensor& h) {
   TORCH_CHECK_TYPE(at::isFloatingType(h.scalar_type()), "swiglu: h must be a floating tensor, got ", h.scalar_type());
 }
 
-at::Tensor swiglu_cpu(const at::Tensor& h) {
-  check_h(h);
-  auto hc = h.contiguous();
-  const int64_t rows = hc.size(0), hidden = hc.size(1) / 2;
-  auto out = at::empty({rows, hidden}, hc.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hc.scalar_type(), "moe_swiglu_cpu", [&] {
-    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
+}  // namespace
+
+void swiglu_into(const at::Tensor& h, at::Tensor& out) {
+  const int64_t rows = h.size(0), hidden = h.size(1) / 2;
+  if (out.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "moe_swiglu_cpu", [&] {
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz(!std::is_same_v<scalar_t, double>);
       for (int64_t r = begin; r < end; ++r) fwd_row<scalar_t>(hp + r * 2 * hidden, op + r * hidden, hidden);
     });
   });
+}
+
+void swiglu_backward_into(const at::Tensor& grad_out, const at::Tensor& h, at::Tensor& grad_h) {
+  const int64_t rows = h.size(0), hidden = h.size(1) / 2;
+  if (grad_h.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "moe_swiglu_backward_cpu", [&] {
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* dp = grad_h.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz(!std::is_same_v<scalar_t, double>);
+      for (int64_t r = begin; r < end; ++r)
+        bwd_row<scalar_t>(gp + r * hidden, hp + r * 2 * hidden, dp + r * 2 * hidden, hidden);
+    });
+  });
+}
+
+namespace {
+
+at::Tensor swiglu_cpu(const at::Tensor& h) {
+  check_h(h);
+  auto hc = h.contiguous();
+  auto out = pooled_empty({hc.size(0), hc.size(1) / 2}, hc.options());
+  swiglu_into(hc, out);
   return out;
 }
 
@@ -260,20 +285,8 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h) 
   TORCH_CHECK_TYPE(grad_out.scalar_type() == h.scalar_type(), "swiglu_backward: grad_out is ", grad_out.scalar_type(),
               " but h is ", h.scalar_type());
   auto hc = h.contiguous();
-  auto gc = grad_out.contiguous();
-  const int64_t rows = hc.size(0), hidden = hc.size(1) / 2;
-  auto grad_h = at::empty_like(hc);
-  if (grad_h.numel() == 0) return grad_h;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hc.scalar_type(), "moe_swiglu_backward_cpu", [&] {
-    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    scalar_t* dp = grad_h.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
-      const FlushDenormals ftz(!std::is_same_v<scalar_t, double>);
-      for (int64_t r = begin; r < end; ++r)
-        bwd_row<scalar_t>(gp + r * hidden, hp + r * 2 * hidden, dp + r * 2 * hidden, hidden);
-    });
-  });
+  auto grad_h = pooled_empty(hc.sizes(), hc.options());
+  swiglu_backward_into(grad_out.contiguous(), hc, grad_h);
   return grad_h;
 }
 

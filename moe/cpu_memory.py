@@ -7,6 +7,11 @@ page-faults them in again: ~200k faults per step of the standard layer of
 benchmarks/moe_layer.py, whose step went from 1.22x to 1.12x the GEMM floor once glibc kept the
 memory. keep_freed_memory() does that in-process, like starting with
 `MALLOC_MMAP_THRESHOLD_=... MALLOC_TRIM_THRESHOLD_=... python train.py`.
+
+Without it, the C++ ops (backend "cpp") still reuse their own large outputs from one step to the
+next through a bounded buffer pool (csrc/buffer_pool.cpp; buffer_pool_stats, set_buffer_pool_limit),
+so the page faults left are those of tensors torch allocates (optimizer temporaries, autograd's
+sums of gradients).
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import ctypes
 import ctypes.util
 import platform
 import warnings
+from dataclasses import dataclass
 
-__all__ = ["keep_freed_memory"]
+import torch
+
+__all__ = ["keep_freed_memory", "BufferPoolStats", "buffer_pool_stats", "set_buffer_pool_limit", "pooled_empty"]
 
 
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -49,3 +57,53 @@ def keep_freed_memory() -> bool:
     if not ok:
         warnings.warn("glibc rejected mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD); nothing changed", stacklevel=2)
     return ok
+
+
+@dataclass(frozen=True)
+class BufferPoolStats:
+    """Counters of the buffer pool the C++ CPU ops take their large outputs (>= 1 MiB) from.
+
+    fresh: buffers allocated from the system; reused: outputs served by a freed buffer.
+    live_bytes / free_bytes: bytes in tensors now / kept free for reuse.
+    high_water_bytes: most live bytes at once; limit: the cap on live + free bytes (-1 = default,
+    3/2 of high_water_bytes).
+    """
+
+    fresh: int
+    reused: int
+    live_bytes: int
+    free_bytes: int
+    high_water_bytes: int
+    limit: int
+
+
+def buffer_pool_stats() -> BufferPoolStats | None:
+    """The pool's counters (csrc/buffer_pool.cpp), or None when the C++ extension is not built."""
+    if not _cpp_loaded():
+        return None
+    return BufferPoolStats(*torch.ops.moe.buffer_pool_stats())
+
+
+def set_buffer_pool_limit(limit_bytes: int | None) -> None:
+    """Caps the pool's live + free bytes: None = the default (3/2 of the most live at once),
+    0 = keep no freed buffer (each output is allocated from the system, as without the pool).
+
+    Raises ValueError for a negative limit; nothing to do without the C++ extension."""
+    if limit_bytes is not None and (not isinstance(limit_bytes, int) or limit_bytes < 0):
+        raise ValueError(f"limit_bytes must be None or an int >= 0, got {limit_bytes!r}")
+    if _cpp_loaded():
+        torch.ops.moe.set_buffer_pool_limit(-1 if limit_bytes is None else limit_bytes)
+
+
+def pooled_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `shape` with like's dtype and device; on CPU (with the C++
+    extension built) from the ops' buffer pool, so a buffer allocated every step is reused."""
+    if like.device.type == "cpu" and _cpp_loaded():
+        return torch.ops.moe.empty_pooled(list(shape), like.dtype)
+    return like.new_empty(shape)
+
+
+def _cpp_loaded() -> bool:
+    from moe.ops import cpp  # here, not at import: loading the extension is deferred (see moe.ops.cpp)
+
+    return cpp.loaded()

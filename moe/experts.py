@@ -100,7 +100,10 @@ def expert_mlp(
     h = ops.grouped_mm(x_ND, w_in, counts_E, backend)
     if b_in is not None:
         h = h + _row_bias(b_in, counts_E, h.shape[0])
-    y = ops.grouped_mm(activate(h, activation, backend, alpha, limit), w_out, counts_E, backend)
+    if activation == "swiglu":
+        y = ops.swiglu_grouped_mm(h, w_out, counts_E, backend)  # fused where the backend has it
+    else:
+        y = ops.grouped_mm(activate(h, activation, backend, alpha, limit), w_out, counts_E, backend)
     return y if b_out is None else y + _row_bias(b_out, counts_E, y.shape[0])
 
 

@@ -23,6 +23,7 @@ assert cpp.loaded()  # registers the fake kernels and autograd formulas
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OPS = torch.ops.moe
+POOL_CONTROL = {"buffer_pool_stats", "set_buffer_pool_limit", "empty_pooled"}
 
 
 @pytest.fixture(autouse=True)
@@ -171,6 +172,77 @@ def test_grouped_mm_wgrad_matches_reference() -> None:
     assert_close(OPS.grouped_mm_wgrad(x, dy, c), reference.grouped_mm_wgrad(x, dy, c))
 
 
+# ---------------------------------------------------------------- swiglu_grouped_mm (fused)
+
+
+def _swiglu_mm_inputs(counts: list[int], pad: int, h: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    c = torch.tensor(counts, dtype=torch.int64)
+    hs = torch.randn(int(c.sum()) + pad, 2 * h, dtype=dtype)
+    hs[int(c.sum()) :] = 0  # padding rows of h are 0, as grouped_mm leaves them
+    w = torch.randn(len(counts), h, d, dtype=dtype) / h**0.5
+    return hs, w, c
+
+
+# 2 threads: 4 experts are "few" (one after another, kernels threaded), 9 are many (whole experts per thread).
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("counts", "pad"), [([5, 0, 2, 3], 3), ([4, 0, 7, 1, 3, 0, 2, 9, 5], 2), ([0, 0, 0, 0], 2)])
+def test_swiglu_grouped_mm_forward_and_gradients(threads: int, dtype: torch.dtype, counts: list[int], pad: int) -> None:
+    torch.set_num_threads(threads)
+    h, w, c = _swiglu_mm_inputs(counts, pad, 70, 33, dtype)
+    h.requires_grad_()
+    w.requires_grad_()
+    h_ref, w_ref = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = cpp.swiglu_grouped_mm(h, w, c)
+    y_ref = reference.grouped_mm(reference.swiglu(h_ref), w_ref, c)
+    assert_close(y, y_ref)
+    assert torch.all(y[int(c.sum()) :] == 0)
+    if int(c.sum()) == 0:  # the reference returns a fresh zeros tensor, with no graph
+        return
+    (y.float() * 1.5).sum().backward()  # the upstream gradient arrives expanded (stride 0)
+    (y_ref.float() * 1.5).sum().backward()
+    assert_close(h.grad, h_ref.grad)
+    assert_close(w.grad, w_ref.grad)
+    assert torch.all(h.grad[int(c.sum()) :] == 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_swiglu_grouped_mm_frozen_weights_skip_the_weight_gradient(threads: int) -> None:
+    torch.set_num_threads(threads)
+    h, w, c = _swiglu_mm_inputs([3, 1, 0, 4, 2], 1, 8, 6, torch.float64)
+    h.requires_grad_()
+    g = torch.randn(h.shape[0], 6, dtype=torch.float64)
+    grad_h, grad_w = OPS.swiglu_grouped_mm_backward(g, h.detach(), w, c, False)
+    assert grad_w.numel() == 0
+    cpp.swiglu_grouped_mm(h, w, c).backward(g)
+    assert w.grad is None
+    torch.testing.assert_close(h.grad, grad_h)
+    want = torch.autograd.functional.vjp(lambda t: reference.grouped_mm(reference.swiglu(t), w, c), h.detach(), g)[1]
+    torch.testing.assert_close(grad_h, want)
+
+
+def test_swiglu_grouped_mm_gradcheck_and_double_backward_fp64() -> None:
+    torch.set_num_threads(2)
+    for counts in ([2, 0, 3], [1, 2, 0, 1, 1]):  # experts one after another, and whole experts per thread
+        h, w, c = _swiglu_mm_inputs(counts, 1, 3, 4, torch.float64)
+        h.requires_grad_()
+        w.requires_grad_()
+
+        def fn(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor = c) -> torch.Tensor:
+            return cpp.swiglu_grouped_mm(a, b, c)
+
+        assert torch.autograd.gradcheck(fn, (h, w))
+        assert torch.autograd.gradgradcheck(fn, (h, w))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "torch", "auto"])
+def test_ops_swiglu_grouped_mm_matches_the_two_ops(backend: str) -> None:
+    """moe.ops.swiglu_grouped_mm takes the fused op only where swiglu and grouped_mm are cpp's."""
+    h, w, c = _swiglu_mm_inputs([3, 0, 5], 2, 16, 8, torch.float32)
+    want = reference.grouped_mm(reference.swiglu(h), w, c)
+    assert_close(moe.ops.swiglu_grouped_mm(h, w, c, backend), want)
+
+
 def test_grouped_mm_double_backward_fp64() -> None:
     x, w, c = _grouped_inputs([2, 0, 3], 1, 4, 3, torch.float64)
     x.requires_grad_()
@@ -265,6 +337,8 @@ def _opcheck_cases() -> list[tuple[str, tuple]]:
         ("grouped_mm_wgrad", (xs.detach().requires_grad_(), torch.randn(9, 4, requires_grad=True), c)),
         ("swiglu", (torch.randn(4, 10, requires_grad=True),)),
         ("swiglu_backward", (torch.randn(4, 5), torch.randn(4, 10))),
+        ("swiglu_grouped_mm", (torch.randn(9, 8, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True), c)),
+        ("swiglu_grouped_mm_backward", (torch.randn(9, 5), torch.randn(9, 8), torch.randn(3, 4, 5), c, True)),
         # int4 (int8 and the forward / gradient tests: tests/test_quant_matmul.py)
         ("quant_matmul", (torch.randn(3, 64, requires_grad=True), *_int4_weight())),
     ]
@@ -286,7 +360,7 @@ def test_opcheck(name: str, args: tuple) -> None:
 def test_every_schema_has_a_cpu_kernel_and_is_opchecked() -> None:
     names = {n for n, _ in _opcheck_cases()}
     defined = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("moe::")}
-    assert defined == names
+    assert defined - POOL_CONTROL == names  # the pool's ops take no tensor (tests/test_buffer_pool.py)
     assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{n}", "CPU") for n in names)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from moe import reference
-from moe.ops import registry
+from moe.ops import cpp, registry
+from moe.ops.grouped_mm import grouped_mm
 
-__all__ = ["swiglu"]
+__all__ = ["swiglu", "swiglu_grouped_mm"]
 
 
 registry.register("swiglu", "reference", reference.swiglu)
@@ -16,3 +17,23 @@ registry.register("swiglu", "reference", reference.swiglu)
 def swiglu(h_NF: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up for h_NF = [gate | up] ([N, 2H] -> [N, H]), differentiable in h."""
     return registry.resolve("swiglu", backend, h_NF.device)(h_NF)
+
+
+def swiglu_grouped_mm(
+    h_NF: torch.Tensor, w_EHD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """grouped_mm(swiglu(h_NF), w_EHD, counts_E): the second GEMM of SwiGLU experts, [N, D].
+
+    Where `backend` runs both swiglu and grouped_mm on the C++ ops, one fused op
+    (csrc/swiglu_grouped_mm.cpp) that keeps no [N, H] activation for the backward and, with many
+    small experts, runs each expert's SwiGLU, GEMMs and SwiGLU backward together on one thread.
+    Otherwise the two ops one after the other; the results are the same either way.
+    """
+    device = h_NF.device
+    if (
+        registry.resolve("swiglu", backend, device) is cpp.swiglu
+        and registry.resolve("grouped_mm", backend, device) is cpp.grouped_mm
+        and cpp.fused_swiglu_grouped_mm(device)
+    ):
+        return cpp.swiglu_grouped_mm(h_NF, w_EHD, counts_E)
+    return grouped_mm(swiglu(h_NF, backend), w_EHD, counts_E, backend)

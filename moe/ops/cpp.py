@@ -37,6 +37,8 @@ __all__ = [
     "unpermute",
     "grouped_mm",
     "swiglu",
+    "swiglu_grouped_mm",
+    "fused_swiglu_grouped_mm",
     "quant_matmul",
     "has_quant_matmul",
 ]
@@ -52,6 +54,8 @@ _NEEDS = {
     "unpermute": ("unpermute", "unpermute_backward"),
     "grouped_mm": ("grouped_mm", "grouped_mm_wgrad"),
     "swiglu": ("swiglu", "swiglu_backward"),
+    # not a registry op: moe.ops.activation.swiglu_grouped_mm takes it where swiglu and grouped_mm are cpp's
+    "swiglu_grouped_mm": ("swiglu_grouped_mm", "swiglu_grouped_mm_backward"),
     "quant_matmul": ("quant_matmul",),  # not a registry op: moe.quant.matmul_path picks it
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -156,6 +160,16 @@ def _register_fakes() -> None:
     def _(grad_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return h.new_empty(h.shape)
 
+    @fake("moe::swiglu_grouped_mm")
+    def _(h: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return h.new_empty(h.shape[0], w.shape[2])
+
+    @fake("moe::swiglu_grouped_mm_backward")
+    def _(
+        grad_y: torch.Tensor, h: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, weight_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return h.new_empty(h.shape), w.new_empty(w.shape if weight_grad else (0,))
+
 
 # ---------------------------------------------------------------- autograd
 # setup_context / backward signatures follow torch.library.register_autograd.
@@ -230,6 +244,18 @@ def _swiglu_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
     return torch.ops.moe.swiglu_backward(grad, h)
 
 
+def _swiglu_grouped_mm_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    h, w, counts = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():  # create_graph=True: the fused backward has no autograd of its own
+        dy = dy.contiguous()
+        dh = reference.swiglu_backward(h, torch.ops.moe.grouped_mm(dy, w.transpose(1, 2), counts)) if need_h else None
+        dw = torch.ops.moe.grouped_mm_wgrad(torch.ops.moe.swiglu(h), dy, counts) if need_w else None
+        return dh, dw, None
+    dh, dw = torch.ops.moe.swiglu_grouped_mm_backward(dy, h, w, counts, need_w)
+    return dh if need_h else None, dw if need_w else None, None
+
+
 def _quant_matmul_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.weight = inputs[1:]  # (data, scale, zero, group_size): not differentiable (quantized weights)
     ctx.k = inputs[0].shape[1]
@@ -255,6 +281,7 @@ def _register_autograd() -> None:
     reg("moe::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
     reg("moe::grouped_mm_wgrad", _wgrad_backward, setup_context=_grouped_mm_setup)
     reg("moe::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+    reg("moe::swiglu_grouped_mm", _swiglu_grouped_mm_backward, setup_context=_grouped_mm_setup)
     reg("moe::quant_matmul", _quant_matmul_backward, setup_context=_quant_matmul_setup)
 
 
@@ -284,6 +311,14 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) 
 def swiglu(h_NF: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of h_NF = [gate | up] ([N, 2H] -> [N, H]) in one fused pass."""
     return torch.ops.moe.swiglu(h_NF)
+
+
+def swiglu_grouped_mm(h_NF: torch.Tensor, w_EHD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """grouped_mm(swiglu(h_NF), w_EHD, counts_E) in one op that keeps no [N, H] activation."""
+    return torch.ops.moe.swiglu_grouped_mm(h_NF, w_EHD, counts_E)
+
+
+fused_swiglu_grouped_mm = _available("swiglu_grouped_mm")  # (device) -> whether swiglu_grouped_mm runs there
 
 
 def quant_matmul(

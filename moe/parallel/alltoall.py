@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe.cpu_memory import pooled_empty
+
 __all__ = [
     "PendingExchange",
     "start_all_to_all",
@@ -45,7 +47,7 @@ class PendingExchange:
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any, async_op: bool):  # type: ignore[no-untyped-def]
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    out = pooled_empty((sum(out_splits), *x.shape[1:]), x)  # the same size every step: reused on CPU
     work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
     return out, work
 

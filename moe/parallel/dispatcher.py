@@ -56,8 +56,10 @@ def transpose_segments(counts_SE: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(start_t, cnt_t) + within
 
 
-def _reorder(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    return x if index is None else x.index_select(0, index)
+def _reorder(x: torch.Tensor, index: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """x[index] (a permutation of rows) by the permute op: its output comes from the C++ ops'
+    buffer pool, and its backward gathers instead of index_select's zero-fill + index_add."""
+    return x if index is None else ops.permute(x, index, backend)
 
 
 @dataclass
@@ -189,14 +191,14 @@ class ExpertParallelDispatcher(Dispatcher):
         x_sent = ops.permute(x_TD, route.send_token_idx, self.backend)
         if mode == 0:
             return x_sent, route.counts, ParallelHandle([route], x_TD.shape[0], mode)
-        x_recv = _reorder(self._wait(self._start(x_sent, route, back=False)), route.order)
+        x_recv = _reorder(self._wait(self._start(x_sent, route, back=False)), route.order, self.backend)
         return x_recv, route.counts, ParallelHandle([route], x_TD.shape[0], mode)
 
     def combine(self, y_sorted: torch.Tensor, handle: ParallelHandle) -> torch.Tensor:
         """y_sorted [R, D] from dispatch's rows -> y_TD [T, D] (weighted sum in fp32)."""
         (route,) = handle.routes
         if handle.mode != 0:
-            y_sorted = self._wait(self._start(_reorder(y_sorted, route.inverse), route, back=True))
+            y_sorted = self._wait(self._start(_reorder(y_sorted, route.inverse, self.backend), route, back=True))
         return self._unpermute([y_sorted], handle.routes, handle.num_tokens)
 
     def _unpermute(self, ys: list[torch.Tensor], routes: list[ChunkRoute], num_tokens: int) -> torch.Tensor:
@@ -234,8 +236,8 @@ class ExpertParallelDispatcher(Dispatcher):
             if mode == 0:
                 outs.append(experts(sent[c], route.counts, weights))
                 continue
-            x_recv = _reorder(self._wait(started[c]), route.order)
-            y = _reorder(experts(x_recv, route.counts, weights), route.inverse)
+            x_recv = _reorder(self._wait(started[c]), route.order, self.backend)
+            y = _reorder(experts(x_recv, route.counts, weights), route.inverse, self.backend)
             outs.append(self._start(y, route, back=True))
         ys = outs if mode == 0 else [self._wait(o) for o in outs]
         return self._unpermute(ys, routes, x_TD.shape[0]), shared
