@@ -173,6 +173,8 @@ class AuxFreeConfig:
         norm_topk_prob: renormalise the selected (unbiased) scores before scaling.
         bias_update_rate: gamma in b_i += gamma * sign(mean_load - load_i).
         seq_aux_loss_coef: alpha of the optional sequence-wise balance loss (1e-4 in the paper).
+        routing_dtype: "float32" (default): logits from fp32 copies of x and W. "model": logits in
+            x's dtype (as Hugging Face's MiniMax-M2 computes them), scores and selection in fp32.
     """
 
     score_func: ScoreFunc = "sigmoid"
@@ -183,9 +185,11 @@ class AuxFreeConfig:
     norm_topk_prob: bool = True
     bias_update_rate: float = 1e-3
     seq_aux_loss_coef: float = 0.0
+    routing_dtype: RoutingDtype = "float32"
 
     def __post_init__(self) -> None:
         _check_choice("score_func", self.score_func, ("softmax", "sigmoid"))
+        _check_choice("routing_dtype", self.routing_dtype, ("float32", "model"))
         _check_positive_int("n_group", self.n_group)
         _check_positive_int("topk_group", self.topk_group)
         _check_choice("group_score", self.group_score, ("top2_sum", "max"))

@@ -161,6 +161,8 @@ class FamilySpec:
         router_logits_fp32: HF computes the router logits from fp32 copies of x and W (GLM-4.5,
             dots1, DeepSeek-V3); otherwise in the model dtype. Used for output_router_logits and
             routing_dtype="model".
+        aux_free_logits_in_model_dtype: an aux-free family whose HF router computes x W^T in the
+            model dtype (MiniMax-M2; the others use fp32). Used by routing_dtype="model".
         returns_tuple: the 5.x block returns (hidden, router scores) (GPT-OSS; its caller drops the scores).
         activation: "swiglu", or "swiglu_oai" (GPT-OSS: clamped SwiGLU, interleaved gate/up, biases).
         rounds_weights: HF's router returns the gate weights in the model dtype (Qwen, OLMoE,
@@ -179,6 +181,7 @@ class FamilySpec:
     per_expert_returns_logits: bool = False
     router_attr: str = "gate"
     router_logits_fp32: bool = False
+    aux_free_logits_in_model_dtype: bool = False
     rounds_weights: bool = True
     activation: str = "swiglu"
     returns_tuple: bool = False
@@ -285,7 +288,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_expert="shared_expert",
         shared_expert_gate="shared_expert_gate",
     ),
-    FamilySpec("MiniMax-M2", ("MiniMaxM2SparseMoeBlock",), "aux_free", _minimax_m2_router, bias_holder=""),
+    FamilySpec(
+        "MiniMax-M2",
+        ("MiniMaxM2SparseMoeBlock",),
+        "aux_free",
+        _minimax_m2_router,
+        bias_holder="",
+        aux_free_logits_in_model_dtype=True,
+    ),
     FamilySpec(
         "ERNIE-4.5-MoE",
         ("Ernie4_5_MoeSparseMoeBlock",),

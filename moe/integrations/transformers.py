@@ -100,8 +100,10 @@ def _with_routing_dtype(config: Any, spec: FamilySpec, routing_dtype: str) -> An
     """The router config routing as HF does in half precision (routing_dtype="model"), or as it is."""
     if routing_dtype not in ROUTING_DTYPES:
         raise ValueError(f"routing_dtype must be one of {ROUTING_DTYPES}, got {routing_dtype!r}")
-    if routing_dtype == "float32" or isinstance(config, AuxFreeConfig):  # HF routes aux-free families in fp32
+    if routing_dtype == "float32":
         return config
+    if isinstance(config, AuxFreeConfig):  # HF routes aux-free families in fp32, but for MiniMax-M2's logits
+        return dataclasses.replace(config, routing_dtype="model") if spec.aux_free_logits_in_model_dtype else config
     if isinstance(config, TopKConfig):
         return dataclasses.replace(config, routing_dtype="model", round_weights=spec.rounds_weights)
     return dataclasses.replace(config, routing_dtype="model")  # sparsemixer: all in the model dtype

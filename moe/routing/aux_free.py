@@ -80,7 +80,10 @@ class AuxFreeRouter(Router):
     def _select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores s [T, E] fp32, ids [T, K] selected on s + b within the best groups)."""
         cfg = self.config
-        logits = x_TD.float() @ self.weight.float().t()
+        if cfg.routing_dtype == "model":  # HF's MiniMax-M2: x W^T rounded to the model dtype first
+            logits = F.linear(x_TD, self.weight.to(x_TD.dtype)).float()
+        else:
+            logits = x_TD.float() @ self.weight.float().t()
         scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else F.softmax(logits, dim=-1)
         choice = scores.detach() + self.e_score_correction_bias.float()
         return scores, group_limited_topk(choice, self.top_k, cfg.n_group, cfg.topk_group, cfg.group_score)
