@@ -2,11 +2,10 @@
 // expert segments, written straight into the output (no zero-fill except the padding tail).
 // The same code serves CPU and CUDA; on CUDA the counts are read on the host (one sync).
 //
-// Forward and dX on CPU with several threads: each thread owns one column block of every
-// expert's output and runs single-threaded GEMMs over it: per-expert GEMMs are small (a few
-// hundred rows), and splitting them across threads inside BLAS costs packing and
-// synchronisation per call; a column split is balanced whatever the routing and each weight
-// block is packed once.
+// On CPU with several threads the rows are split evenly over threads (for_expert_parts in
+// kernels.h), each running single-threaded GEMMs on its parts: per-expert GEMMs are small (a few
+// hundred rows), and splitting each across threads inside BLAS costs packing and synchronisation
+// per call. With too few rows for that, one GEMM at a time, split by columns (mm_out_by_columns).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -56,15 +55,9 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
   TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), "x is ", x.scalar_type(), " but w is ", w.scalar_type());
   const auto ends = segment_ends(counts, x.size(0));
   auto y = pooled_empty({x.size(0), w.size(2)}, x.options());
-  for_column_blocks(x.is_cpu(), w.size(2), [&](int64_t c0, int64_t c1) {
-    int64_t start = 0;
-    for (int64_t e = 0; e < w.size(0); ++e) {
-      if (ends[e] > start) {
-        auto y_e = y.narrow(0, start, ends[e] - start).narrow(1, c0, c1 - c0);
-        at::mm_out(y_e, x.narrow(0, start, ends[e] - start), w[e].narrow(1, c0, c1 - c0));
-      }
-      start = ends[e];
-    }
+  for_expert_parts(x.is_cpu(), ends, [&](const ExpertPart& p) {
+    auto y_p = y.narrow(0, p.first, p.rows());
+    mm_out_by_columns(y_p, x.narrow(0, p.first, p.rows()), w[p.expert]);
   });
   const int64_t used = ends.empty() ? 0 : ends.back();
   if (used < x.size(0)) y.narrow(0, used, x.size(0) - used).zero_();
@@ -77,26 +70,18 @@ at::Tensor grouped_mm_wgrad_impl(const at::Tensor& x, const at::Tensor& dy, cons
   TORCH_CHECK_TYPE(x.scalar_type() == dy.scalar_type(), "x is ", x.scalar_type(), " but dy is ", dy.scalar_type());
   const auto ends = segment_ends(counts, x.size(0));
   auto dw = pooled_empty({counts.numel(), x.size(1), dy.size(1)}, x.options());
-  // Few large experts: BLAS threads each expert's GEMM (a column split was no faster: each dW
-  // GEMM has only its rows as the inner dimension and a whole [K, N] output). Many small
-  // experts: whole experts per thread (for_expert_runs); 64 experts x 192 rows, K = N = 1024,
-  // 2 threads: 2.3x faster than BLAS threading each expert (paired median, shared cores, 2026-12-04).
-  auto run = [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t start = e == 0 ? 0 : ends[e - 1];
-      auto dw_e = dw[e];
-      if (ends[e] > start) {
-        at::mm_out(dw_e, x.narrow(0, start, ends[e] - start).t(), dy.narrow(0, start, ends[e] - start));
-      } else {
-        dw_e.zero_();
-      }
-    }
-  };
-  if (split_by_expert(x.is_cpu(), counts.numel())) {
-    for_expert_runs(ends, run);
-  } else {
-    run(0, counts.numel());
-  }
+  // Threads split the rows evenly (for_expert_parts); an expert shared by two threads is split
+  // by dW's columns, each thread reducing over all the expert's rows for its columns. 64 experts
+  // x 192 rows, K = N = 1024, 2 threads: whole experts per thread were 2.3x faster than BLAS
+  // threading each expert's GEMM (paired median, shared cores, 2026-12-04).
+  for_expert_parts(x.is_cpu(), ends, [&](const ExpertPart& p) {
+    const auto [c0, c1] = p.columns(dy.size(1));
+    if (c1 == c0) return;
+    auto dw_e = dw[p.expert].narrow(1, c0, c1 - c0);
+    const int64_t rows = p.end - p.start;
+    at::mm_out(dw_e, x.narrow(0, p.start, rows).t(), dy.narrow(0, p.start, rows).narrow(1, c0, c1 - c0));
+  });
+  zero_empty_experts(dw, ends);
   return dw;
 }
 

@@ -5,11 +5,10 @@
 // anyway by the first GEMM's backward; SwiGLU costs ~10 flops per element against the 2D of
 // each GEMM); the backward's dact [N, H] never exists as a whole.
 // Both run expert by expert: SwiGLU -> GEMM (forward), SwiGLU -> dW GEMM -> dact GEMM -> SwiGLU
-// backward (backward), so the [rows, H] temporaries are one expert's, not all N rows'. With many
-// small experts (fine-grained MoE, split_by_expert) each thread takes whole experts with
-// single-threaded BLAS, while an expert's rows are in cache: no thread start-up or BLAS
-// partitioning per small GEMM. With few large experts the kernels thread themselves (GEMMs by
-// column blocks as in grouped_mm, the dW GEMM by BLAS, SwiGLU by rows).
+// backward (backward), so the [rows, H] temporaries are one expert's, not all N rows'. Threads
+// split the rows evenly (for_expert_parts): each takes whole experts, plus a share of the one or
+// two its range cuts, with single-threaded BLAS while the part's rows are in cache; no thread
+// start-up or BLAS partitioning per small GEMM, and no thread waits on another's larger expert.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -39,23 +38,6 @@ at::Tensor swiglu_rows(const at::Tensor& h) {  // [rows, H] of contiguous h [row
   return act;
 }
 
-// body(e, first row, rows) for every expert with rows: whole experts per thread with many small
-// experts, else one expert after another with each kernel threading itself.
-template <typename F>
-void for_each_expert(const std::vector<int64_t>& ends, const F& body) {
-  auto run = [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t start = e == 0 ? 0 : ends[e - 1];
-      body(e, start, ends[e] - start);
-    }
-  };
-  if (split_by_expert(true, int64_t(ends.size()))) {
-    for_expert_runs(ends, run);
-  } else {
-    run(0, int64_t(ends.size()));
-  }
-}
-
 void zero_padding_rows(at::Tensor& t, const std::vector<int64_t>& ends) {
   const int64_t used = ends.empty() ? 0 : ends.back();
   if (used < t.size(0)) t.narrow(0, used, t.size(0) - used).zero_();
@@ -66,10 +48,9 @@ at::Tensor swiglu_grouped_mm_cpu(const at::Tensor& h, const at::Tensor& w, const
   auto hc = h.contiguous();
   const auto ends = segment_ends(counts, hc.size(0));
   auto y = pooled_empty({hc.size(0), w.size(2)}, hc.options());
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t rows) {
-    if (rows == 0) return;
-    auto y_e = y.narrow(0, start, rows);
-    mm_out_by_columns(y_e, swiglu_rows(hc.narrow(0, start, rows)), w[e]);
+  for_expert_parts(true, ends, [&](const ExpertPart& p) {
+    auto y_p = y.narrow(0, p.first, p.rows());
+    mm_out_by_columns(y_p, swiglu_rows(hc.narrow(0, p.first, p.rows())), w[p.expert]);
   });
   zero_padding_rows(y, ends);
   return y;
@@ -90,22 +71,22 @@ std::tuple<at::Tensor, at::Tensor> swiglu_grouped_mm_backward_cpu(const at::Tens
   const auto ends = segment_ends(counts, hc.size(0));
   auto grad_h = pooled_empty(hc.sizes(), hc.options());
   auto dw = weight_grad ? pooled_empty(w.sizes(), w.options()) : w.new_empty({0});
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t rows) {
-    if (rows == 0) {
-      if (weight_grad) dw[e].zero_();
-      return;
+  for_expert_parts(true, ends, [&](const ExpertPart& p) {
+    if (weight_grad) {  // this part's share of dW's columns, over all the expert's rows
+      const auto [c0, c1] = p.columns(w.size(2));
+      if (c1 > c0) {
+        const int64_t rows = p.end - p.start;
+        auto dw_e = dw[p.expert].narrow(1, c0, c1 - c0);
+        auto act_e = swiglu_rows(hc.narrow(0, p.start, rows));  // the activation, recomputed
+        at::mm_out(dw_e, act_e.t(), dy.narrow(0, p.start, rows).narrow(1, c0, c1 - c0));
+      }
     }
-    auto h_e = hc.narrow(0, start, rows);
-    auto dy_e = dy.narrow(0, start, rows);
-    if (weight_grad) {
-      auto dw_e = dw[e];
-      at::mm_out(dw_e, swiglu_rows(h_e).t(), dy_e);  // the activation, recomputed
-    }
-    auto dact = pooled_empty({rows, w.size(1)}, hc.options());
-    mm_out_by_columns(dact, dy_e, w[e].t());
-    auto grad_h_e = grad_h.narrow(0, start, rows);
-    swiglu_backward_into(dact, h_e, grad_h_e);
+    auto dact = pooled_empty({p.rows(), w.size(1)}, hc.options());
+    mm_out_by_columns(dact, dy.narrow(0, p.first, p.rows()), w[p.expert].t());
+    auto grad_h_p = grad_h.narrow(0, p.first, p.rows());
+    swiglu_backward_into(dact, hc.narrow(0, p.first, p.rows()), grad_h_p);
   });
+  if (weight_grad) zero_empty_experts(dw, ends);
   zero_padding_rows(grad_h, ends);
   return {grad_h, dw};
 }

@@ -157,7 +157,7 @@ def test_grouped_mm_forward_and_gradients(dtype: torch.dtype, counts: list[int],
 
 @pytest.mark.parametrize("n", [130, 257])
 def test_grouped_mm_column_split_across_threads(n: int) -> None:
-    """With 2 threads each thread owns a column block of every expert (blocks of >= 64 columns)."""
+    """Too few rows to split by rows: 2 threads each own a column block of every expert (>= 64 columns)."""
     torch.set_num_threads(2)
     x, w, c = _grouped_inputs([5, 0, 9, 2], 3, 70, n, torch.float32)
     dy = torch.randn(x.shape[0], n)
@@ -172,6 +172,22 @@ def test_grouped_mm_wgrad_matches_reference() -> None:
     assert_close(OPS.grouped_mm_wgrad(x, dy, c), reference.grouped_mm_wgrad(x, dy, c))
 
 
+# Enough rows for several threads (>= 32 each): thread ranges cut experts (those parts split dW by
+# columns, cut at multiples of 16 of 33), one expert spans more than a thread's range, some have none.
+SPLIT_COUNTS = [70, 0, 13, 150, 1, 0, 40]
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_grouped_mm_split_over_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    x, w, c = _grouped_inputs(SPLIT_COUNTS, 5, 20, 33, torch.float64)
+    dy = torch.randn(x.shape[0], 33, dtype=torch.float64)
+    torch.testing.assert_close(cpp.grouped_mm(x, w, c), reference.grouped_mm(x, w, c))
+    dx = OPS.grouped_mm(dy, w.transpose(1, 2), c)
+    torch.testing.assert_close(dx, reference.grouped_mm(dy, w.transpose(1, 2), c))
+    torch.testing.assert_close(OPS.grouped_mm_wgrad(x, dy, c), reference.grouped_mm_wgrad(x, dy, c))
+
+
 # ---------------------------------------------------------------- swiglu_grouped_mm (fused)
 
 
@@ -183,10 +199,12 @@ def _swiglu_mm_inputs(counts: list[int], pad: int, h: int, d: int, dtype: torch.
     return hs, w, c
 
 
-# 2 threads: 4 experts are "few" (one after another, kernels threaded), 9 are many (whole experts per thread).
-@pytest.mark.parametrize("threads", [1, 2])
+# Few rows run on one thread; SPLIT_COUNTS splits the rows over 2 and 3 threads.
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize(("counts", "pad"), [([5, 0, 2, 3], 3), ([4, 0, 7, 1, 3, 0, 2, 9, 5], 2), ([0, 0, 0, 0], 2)])
+@pytest.mark.parametrize(
+    ("counts", "pad"), [([5, 0, 2, 3], 3), ([4, 0, 7, 1, 3, 0, 2, 9, 5], 2), ([0, 0, 0, 0], 2), (SPLIT_COUNTS, 4)]
+)
 def test_swiglu_grouped_mm_forward_and_gradients(threads: int, dtype: torch.dtype, counts: list[int], pad: int) -> None:
     torch.set_num_threads(threads)
     h, w, c = _swiglu_mm_inputs(counts, pad, 70, 33, dtype)
@@ -207,9 +225,10 @@ def test_swiglu_grouped_mm_forward_and_gradients(threads: int, dtype: torch.dtyp
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_swiglu_grouped_mm_frozen_weights_skip_the_weight_gradient(threads: int) -> None:
+@pytest.mark.parametrize("counts", [[3, 1, 0, 4, 2], SPLIT_COUNTS])
+def test_swiglu_grouped_mm_frozen_weights_skip_the_weight_gradient(threads: int, counts: list[int]) -> None:
     torch.set_num_threads(threads)
-    h, w, c = _swiglu_mm_inputs([3, 1, 0, 4, 2], 1, 8, 6, torch.float64)
+    h, w, c = _swiglu_mm_inputs(counts, 1, 8, 6, torch.float64)
     h.requires_grad_()
     g = torch.randn(h.shape[0], 6, dtype=torch.float64)
     grad_h, grad_w = OPS.swiglu_grouped_mm_backward(g, h.detach(), w, c, False)
