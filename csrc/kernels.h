@@ -14,6 +14,8 @@ namespace moe {
 // grouped_mm.cpp: y = x @ w for one expert, each thread a block of y's columns (as grouped_mm's
 // forward does; one block inside a parallel region).
 void mm_out_by_columns(at::Tensor& y, const at::Tensor& x, const at::Tensor& w);
+// grouped_mm.cpp: the grouped_mm op itself (x [M, K], w [E, K, N] -> [M, N]).
+at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& counts);
 
 // swiglu_cpu.cpp: out [N, H] = swiglu(h [N, 2H]) and grad_h [N, 2H] of it, into given contiguous
 // tensors, no checks; they thread over rows unless called inside a parallel region.
@@ -51,32 +53,49 @@ inline int64_t split_threads(bool on_cpu, int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kMinRowsPerThread));
 }
 
-// Calls body(part) for every expert with rows, split over threads by rows: thread b takes rows
-// [R b / t, R (b + 1) / t) of the R routed rows, whole experts where they fit and a share of
-// each expert its range cuts (at most two per thread). Every thread gets the same number of rows
+// The parts of each thread when `threads` split the rows evenly: thread b takes rows
+// [R b / t, R (b + 1) / t) of the R routed rows, whole experts where they fit and a share of each
+// expert its range cuts (at most two per thread). Every thread gets the same number of rows
 // whatever the routing (splitting by whole experts left one thread with 23% more rows than the
-// mean on a random router's 8-expert routing, and its GEMMs ran that much longer). Each body
-// runs single-threaded BLAS on its part. With one thread (and on CUDA, where each GEMM fills the
-// device), body sees every expert whole.
-template <typename F>
-void for_expert_parts(bool on_cpu, const std::vector<int64_t>& ends, const F& body) {
-  const int64_t experts = int64_t(ends.size());
+// mean on a random router's 8-expert routing, and its GEMMs ran that much longer).
+inline std::vector<std::vector<ExpertPart>> expert_parts(const std::vector<int64_t>& ends, int64_t threads) {
   const int64_t rows = ends.empty() ? 0 : ends.back();
-  const int64_t threads = split_threads(on_cpu, rows);
-  auto run = [&](int64_t lo, int64_t hi) {  // the parts of rows [lo, hi)
-    for (int64_t e = 0, start = 0; e < experts && start < hi; start = ends[e], ++e) {
+  std::vector<std::vector<ExpertPart>> parts(threads);
+  for (int64_t b = 0; b < threads; ++b) {
+    const int64_t lo = rows * b / threads, hi = rows * (b + 1) / threads;
+    for (int64_t e = 0, start = 0; e < int64_t(ends.size()) && start < hi; start = ends[e], ++e) {
       const int64_t first = std::max(start, lo), last = std::min(ends[e], hi);
-      if (first < last) body(ExpertPart{e, start, ends[e], first, last});
+      if (first < last) parts[b].push_back(ExpertPart{e, start, ends[e], first, last});
     }
-  };
-  if (threads <= 1) return run(0, rows);
+  }
+  return parts;
+}
+
+// Runs body(part) on every part, thread b on parts[b] (on the calling thread when there is one).
+template <typename F>
+void run_parts(const std::vector<std::vector<ExpertPart>>& parts, const F& body) {
+  const int64_t threads = int64_t(parts.size());
+  if (threads == 1) {
+    for (const auto& p : parts[0]) body(p);
+    return;
+  }
   // Worker threads do not inherit the caller's dispatch state (autograd is excluded below the
   // op's autograd kernel): without it at::mm_out would refuse inputs that require grad.
   const at::ThreadLocalState state;
   at::parallel_for(0, threads, 1, [&](int64_t b0, int64_t b1) {
     at::ThreadLocalStateGuard guard(state);
-    for (int64_t b = b0; b < b1; ++b) run(rows * b / threads, rows * (b + 1) / threads);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (const auto& p : parts[b]) body(p);
+    }
   });
+}
+
+// Calls body(part) for every expert with rows, the rows split evenly over the threads worth
+// using (expert_parts), each body running single-threaded BLAS on its part. With one thread (and
+// on CUDA, where each GEMM fills the device), body sees every expert whole.
+template <typename F>
+void for_expert_parts(bool on_cpu, const std::vector<int64_t>& ends, const F& body) {
+  run_parts(expert_parts(ends, split_threads(on_cpu, ends.empty() ? 0 : ends.back())), body);
 }
 
 // Zeroes out[e] for every expert with no rows (a weight gradient no part writes).

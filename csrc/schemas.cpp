@@ -28,6 +28,11 @@ TORCH_LIBRARY(moe, m) {
   m.def("swiglu_grouped_mm(Tensor h, Tensor w, Tensor counts) -> Tensor");
   // (grad_h [N, 2H], grad_w [E, H, D], or [0] without weight_grad) of swiglu_grouped_mm.
   m.def("swiglu_grouped_mm_backward(Tensor grad_y, Tensor h, Tensor w, Tensor counts, bool weight_grad) -> (Tensor, Tensor)");
+  // The SwiGLU expert MLP: (y [N, D] = swiglu_grouped_mm(h, w_out, counts), h [N, 2H] = grouped_mm(x, w_in, counts)),
+  // h returned for the backward (not differentiable).
+  m.def("swiglu_experts(Tensor x, Tensor w_in, Tensor w_out, Tensor counts) -> (Tensor, Tensor)");
+  // (dx [N, D], dw_in [E, D, 2H], dw_out [E, H, D]) of swiglu_experts' y, each [0] where output_mask is false.
+  m.def("swiglu_experts_backward(Tensor grad_y, Tensor x, Tensor h, Tensor w_in, Tensor w_out, Tensor counts, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // y [M, N] = x [M, K] @ dequantize(w) for one quantized weight (moe.quant): int8 data [K, N] with
   // scale [1, N] and no zero (group_size = K), or int4 data uint8 [K / 2, N] with scale and zero
   // [K / G, N]; computed in fp32, returned in x's dtype.

@@ -97,6 +97,9 @@ def expert_mlp(
         h = x_ND @ w_in if b_in is None else x_ND @ w_in + b_in
         y = activate(h, activation, backend, alpha, limit) @ w_out
         return y if b_out is None else y + b_out
+    if activation == "swiglu" and b_in is None:  # one op for both GEMMs where the backend fuses them
+        y = ops.swiglu_experts(x_ND, w_in, w_out, counts_E, backend)
+        return y if b_out is None else y + _row_bias(b_out, counts_E, y.shape[0])
     h = ops.grouped_mm(x_ND, w_in, counts_E, backend)
     if b_in is not None:
         h = h + _row_bias(b_in, counts_E, h.shape[0])

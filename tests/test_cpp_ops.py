@@ -254,6 +254,94 @@ def test_swiglu_grouped_mm_gradcheck_and_double_backward_fp64() -> None:
         assert torch.autograd.gradgradcheck(fn, (h, w))
 
 
+# ---------------------------------------------------------------- swiglu_experts (fused expert MLP)
+
+
+def _experts_inputs(counts: list[int], pad: int, d: int, h: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    c = torch.tensor(counts, dtype=torch.int64)
+    x = torch.randn(int(c.sum()) + pad, d, dtype=dtype)
+    w_in = torch.randn(len(counts), d, 2 * h, dtype=dtype) / d**0.5
+    w_out = torch.randn(len(counts), h, d, dtype=dtype) / h**0.5
+    return x, w_in, w_out, c
+
+
+def _experts_reference(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return reference.grouped_mm(reference.swiglu(reference.grouped_mm(x, w_in, c)), w_out, c)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("counts", "pad"), [([5, 0, 2, 3], 3), (SPLIT_COUNTS, 4), ([0, 0, 0], 2)])
+def test_swiglu_experts_forward_and_gradients(threads: int, dtype: torch.dtype, counts: list[int], pad: int) -> None:
+    """Parts of experts two threads share (SPLIT_COUNTS) take the shared-rows path of dW_in. bf16 is
+    compared with the two separate C++ ops it replaces (the reference rounds to bf16 after every op,
+    and dW_in's sums of ~100 rows reach 144, where bf16's spacing is 1)."""
+    torch.set_num_threads(threads)
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in _experts_inputs(counts, pad, 33, 24, dtype)]
+    refs = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    y = cpp.swiglu_experts(*inputs)
+    if dtype == torch.bfloat16:
+        x, w_in, w_out, c = refs
+        y_ref = cpp.swiglu_grouped_mm(cpp.grouped_mm(x, w_in, c), w_out, c)
+    else:
+        y_ref = _experts_reference(*refs)
+    assert_close(y, y_ref)
+    used = int(sum(counts))
+    assert torch.all(y[used:] == 0)
+    if used == 0:  # the reference returns a fresh zeros tensor, with no graph
+        return
+    (y.float() * 1.5).sum().backward()  # the upstream gradient arrives expanded (stride 0)
+    (y_ref.float() * 1.5).sum().backward()
+    for got, want in zip(inputs[:3], refs[:3], strict=True):
+        assert_close(got.grad, want.grad)
+    assert torch.all(inputs[0].grad[used:] == 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "needs", [(True, False, False), (False, True, True), (False, True, False), (True, False, True)]
+)
+def test_swiglu_experts_computes_only_the_gradients_asked_for(threads: int, needs: tuple[bool, bool, bool]) -> None:
+    torch.set_num_threads(threads)
+    x, w_in, w_out, c = _experts_inputs(SPLIT_COUNTS, 2, 20, 16, torch.float64)
+    g = torch.randn(x.shape[0], 20, dtype=torch.float64)
+    got = OPS.swiglu_experts_backward(g, x, OPS.grouped_mm(x, w_in, c), w_in, w_out, c, list(needs))
+    want = torch.autograd.functional.vjp(lambda *t: _experts_reference(*t, c), (x, w_in, w_out), g)[1]
+    for need, a, b in zip(needs, got, want, strict=True):
+        if need:
+            torch.testing.assert_close(a, b)
+        else:
+            assert a.numel() == 0
+    for t, need in zip((x, w_in, w_out), needs, strict=True):
+        t.requires_grad_(need)
+    cpp.swiglu_experts(x, w_in, w_out, c).backward(g)
+    for t, need, b in zip((x, w_in, w_out), needs, want, strict=True):
+        assert (t.grad is not None) == need
+        if need:
+            torch.testing.assert_close(t.grad, b)
+
+
+def test_swiglu_experts_gradcheck_and_double_backward_fp64() -> None:
+    torch.set_num_threads(2)
+    for counts in ([2, 0, 3], [40, 0, 30, 3]):  # one thread; rows split over two (expert 0 shared)
+        x, w_in, w_out, c = (
+            t.requires_grad_() if t.is_floating_point() else t for t in _experts_inputs(counts, 1, 3, 2, torch.float64)
+        )
+
+        def fn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor = c) -> torch.Tensor:
+            return cpp.swiglu_experts(a, b, d, c)
+
+        assert torch.autograd.gradcheck(fn, (x, w_in, w_out))
+        assert torch.autograd.gradgradcheck(fn, (x, w_in, w_out))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "torch", "auto"])
+def test_ops_swiglu_experts_matches_the_two_gemms(backend: str) -> None:
+    """moe.ops.swiglu_experts takes the fused op only where swiglu and grouped_mm are cpp's."""
+    x, w_in, w_out, c = _experts_inputs([3, 0, 5], 2, 8, 16, torch.float32)
+    assert_close(moe.ops.swiglu_experts(x, w_in, w_out, c, backend), _experts_reference(x, w_in, w_out, c))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "reference", "torch", "auto"])
 def test_ops_swiglu_grouped_mm_matches_the_two_ops(backend: str) -> None:
     """moe.ops.swiglu_grouped_mm takes the fused op only where swiglu and grouped_mm are cpp's."""
@@ -358,6 +446,25 @@ def _opcheck_cases() -> list[tuple[str, tuple]]:
         ("swiglu_backward", (torch.randn(4, 5), torch.randn(4, 10))),
         ("swiglu_grouped_mm", (torch.randn(9, 8, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True), c)),
         ("swiglu_grouped_mm_backward", (torch.randn(9, 5), torch.randn(9, 8), torch.randn(3, 4, 5), c, True)),
+        (
+            "swiglu_experts",
+            tuple(
+                t.requires_grad_() if t.is_floating_point() else t
+                for t in _experts_inputs([3, 0, 4], 2, 6, 4, torch.float32)
+            ),
+        ),
+        (
+            "swiglu_experts_backward",
+            (
+                torch.randn(9, 6),
+                torch.randn(9, 6),
+                torch.randn(9, 8),
+                torch.randn(3, 6, 8),
+                torch.randn(3, 4, 6),
+                c,
+                [True, True, False],
+            ),
+        ),
         # int4 (int8 and the forward / gradient tests: tests/test_quant_matmul.py)
         ("quant_matmul", (torch.randn(3, 64, requires_grad=True), *_int4_weight())),
     ]
@@ -411,6 +518,20 @@ def test_every_schema_has_a_cpu_kernel_and_is_opchecked() -> None:
             "negative",
         ),
         (lambda: OPS.swiglu(torch.randn(2, 5)), ValueError, "even number of columns"),
+        (
+            lambda: OPS.swiglu_experts(
+                torch.randn(3, 4), torch.randn(2, 4, 6), torch.randn(2, 3, 5), torch.tensor([1, 1])
+            ),
+            ValueError,
+            r"w_out must be \[E, H, D\] = \[2, 3, 4\], got shape \[2, 3, 5\]",
+        ),
+        (
+            lambda: OPS.swiglu_experts(
+                torch.randn(3, 4), torch.randn(2, 5, 6), torch.randn(2, 3, 4), torch.tensor([1, 1])
+            ),
+            ValueError,
+            r"x must be \[N, D\] and w_in \[E, D, 2H\]",
+        ),
         (lambda: OPS.swiglu(torch.ones(2, 4, dtype=torch.int64)), TypeError, "floating"),
         (lambda: OPS.swiglu_backward(torch.randn(2, 3), torch.randn(2, 4)), ValueError, r"grad_out must be \[N, H\]"),
     ],

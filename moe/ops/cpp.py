@@ -39,6 +39,8 @@ __all__ = [
     "swiglu",
     "swiglu_grouped_mm",
     "fused_swiglu_grouped_mm",
+    "swiglu_experts",
+    "fused_swiglu_experts",
     "quant_matmul",
     "has_quant_matmul",
 ]
@@ -56,6 +58,7 @@ _NEEDS = {
     "swiglu": ("swiglu", "swiglu_backward"),
     # not a registry op: moe.ops.activation.swiglu_grouped_mm takes it where swiglu and grouped_mm are cpp's
     "swiglu_grouped_mm": ("swiglu_grouped_mm", "swiglu_grouped_mm_backward"),
+    "swiglu_experts": ("swiglu_experts", "swiglu_experts_backward"),  # not a registry op either
     "quant_matmul": ("quant_matmul",),  # not a registry op: moe.quant.matmul_path picks it
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -170,6 +173,24 @@ def _register_fakes() -> None:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return h.new_empty(h.shape), w.new_empty(w.shape if weight_grad else (0,))
 
+    @fake("moe::swiglu_experts")
+    def _(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.new_empty(x.shape), x.new_empty(x.shape[0], w_in.shape[2])
+
+    @fake("moe::swiglu_experts_backward")
+    def _(
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        w_in: torch.Tensor,
+        w_out: torch.Tensor,
+        counts: torch.Tensor,
+        output_mask: list[bool],
+    ) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            t.new_empty(t.shape if need else (0,)) for t, need in zip((x, w_in, w_out), output_mask, strict=True)
+        )
+
 
 # ---------------------------------------------------------------- autograd
 # setup_context / backward signatures follow torch.library.register_autograd.
@@ -256,6 +277,31 @@ def _swiglu_grouped_mm_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tenso
     return dh if need_h else None, dw if need_w else None, None
 
 
+def _swiglu_experts_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, w_in, w_out, counts = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd passes a zero-filled [N, 2H] gradient for h
+    ctx.save_for_backward(x, output[1], w_in, w_out, counts)
+
+
+def _swiglu_experts_backward(ctx: Any, dy: torch.Tensor, _dh: Any) -> tuple[torch.Tensor | None, ...]:
+    x, h, w_in, w_out, counts = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:3]]
+    if dy is None:  # y took no part in the loss (grads are not materialized)
+        return None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: the fused backward has no autograd of its own
+        ops = torch.ops.moe
+        h = ops.grouped_mm(x, w_in, counts)  # recomputed: the saved h is not connected to x and w_in
+        dy = dy.contiguous()
+        grad_h = reference.swiglu_backward(h, ops.grouped_mm(dy, w_out.transpose(1, 2), counts))
+        dx = ops.grouped_mm(grad_h, w_in.transpose(1, 2), counts) if need[0] else None
+        dw_in = ops.grouped_mm_wgrad(x, grad_h, counts) if need[1] else None
+        dw_out = ops.grouped_mm_wgrad(ops.swiglu(h), dy, counts) if need[2] else None
+        return dx, dw_in, dw_out, None
+    dx, dw_in, dw_out = torch.ops.moe.swiglu_experts_backward(dy, x, h, w_in, w_out, counts, need)
+    return dx if need[0] else None, dw_in if need[1] else None, dw_out if need[2] else None, None
+
+
 def _quant_matmul_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.weight = inputs[1:]  # (data, scale, zero, group_size): not differentiable (quantized weights)
     ctx.k = inputs[0].shape[1]
@@ -282,6 +328,7 @@ def _register_autograd() -> None:
     reg("moe::grouped_mm_wgrad", _wgrad_backward, setup_context=_grouped_mm_setup)
     reg("moe::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
     reg("moe::swiglu_grouped_mm", _swiglu_grouped_mm_backward, setup_context=_grouped_mm_setup)
+    reg("moe::swiglu_experts", _swiglu_experts_backward, setup_context=_swiglu_experts_setup)
     reg("moe::quant_matmul", _quant_matmul_backward, setup_context=_quant_matmul_setup)
 
 
@@ -319,6 +366,17 @@ def swiglu_grouped_mm(h_NF: torch.Tensor, w_EHD: torch.Tensor, counts_E: torch.T
 
 
 fused_swiglu_grouped_mm = _available("swiglu_grouped_mm")  # (device) -> whether swiglu_grouped_mm runs there
+
+
+def swiglu_experts(
+    x_ND: torch.Tensor, w_in_EDF: torch.Tensor, w_out_EHD: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    """swiglu_grouped_mm(grouped_mm(x_ND, w_in_EDF), w_out_EHD): the SwiGLU expert MLP [N, D], with one
+    backward for both GEMMs that never holds the whole [N, 2H] gradient of the first one."""
+    return torch.ops.moe.swiglu_experts(x_ND, w_in_EDF, w_out_EHD, counts_E)[0]
+
+
+fused_swiglu_experts = _available("swiglu_experts")  # (device) -> whether swiglu_experts runs there
 
 
 def quant_matmul(
