@@ -13,11 +13,14 @@
 // buffer is never handed out while anything can still read it.
 //
 // Bounded: the pool's bytes, live and free together, stay within a limit (oldest free buffers
-// are released first to make room); by default 3/2 of the high-water mark of live pooled bytes.
+// are released first to make room); by default twice the high-water mark of live pooled bytes.
 // A step needs more distinct buffers than it holds at its peak (the standard layer of
 // benchmarks/moe_layer.py: 720 MiB of distinct outputs, 579 MiB live at once), and buffers of
 // different sizes cannot stand in for each other: at 5/4 that layer still missed 5 buffers a
-// step, at 3/2 none (peak RSS +10% over allocating each output fresh, BENCHMARKS.md, issue 21).
+// step, at 3/2 none. Two shapes that alternate (an expert-parallel layer switching between its
+// plain and pipelined paths, benchmarks/all_to_all.py) need the buffers of both: at 3/2 they
+// evicted each other, 200 fresh buffers in 40 steps, each page-faulted back in. The limit only
+// caps what the pool may keep; it never holds more than the distinct buffers a loop uses.
 // set_limit trades memory for reuse; set_limit(0) turns reuse off.
 #include "buffer_pool.h"
 
@@ -64,7 +67,7 @@ class BufferPool final : public c10::Allocator {
     return {fresh_, reused_, int64_t(live_), int64_t(cached_), int64_t(high_water_), limit_};
   }
 
-  // Bytes live + free may reach: < 0 = 3/2 of the high-water mark of live bytes (default),
+  // Bytes live + free may reach: < 0 = twice the high-water mark of live bytes (default),
   // 0 = keep nothing free, > 0 = that many bytes.
   void set_limit(int64_t limit) {
     std::vector<Block*> evicted;
@@ -79,7 +82,7 @@ class BufferPool final : public c10::Allocator {
  private:
   static void release(void* ctx) { self()->give_back(static_cast<Block*>(ctx)); }
 
-  size_t effective_limit() const { return limit_ < 0 ? high_water_ + high_water_ / 2 : size_t(limit_); }
+  size_t effective_limit() const { return limit_ < 0 ? 2 * high_water_ : size_t(limit_); }
 
   void report(Block* block, bool taken) {
     if (!c10::memoryProfilingEnabled()) return;
@@ -110,6 +113,7 @@ class BufferPool final : public c10::Allocator {
         evict_for(nbytes, evicted);
       }
       live_ += block ? block->size : nbytes;
+      high_water_ = std::max(high_water_, live_);  // a reused block can be up to 1/8 larger
     }
     destroy(evicted);
     return block;

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "buffer_pool.h"
 #include "common.h"
@@ -59,22 +60,32 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> rows_by_token(const at::Te
 template <typename scalar_t, typename acc_t>
 void weighted_row_sums(const scalar_t* y, const acc_t* w, const std::vector<int64_t>& start,
                        const std::vector<int64_t>& rows, int64_t num_tokens, int64_t dim, scalar_t* out) {
+  // Where the sum is kept in the output's own type (fp32, fp64) it is accumulated in the output
+  // row itself: one pass over it instead of three (zero a scratch row, add, copy out). The first
+  // row is added to an explicit 0 so that the bits match the scratch-row version (-0.0 + 0 = +0).
+  constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, num_tokens, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(dim);
+    std::vector<acc_t> scratch(in_place ? 0 : dim);
     for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+      scalar_t* o = out + t * dim;
+      acc_t* acc = in_place ? reinterpret_cast<acc_t*>(o) : scratch.data();
+      if (start[t] == start[t + 1]) {
+        std::fill(o, o + dim, scalar_t(0));
+        continue;
+      }
       for (int64_t r = start[t]; r < start[t + 1]; ++r) {
         const int64_t j = rows[r];
         const scalar_t* yj = y + j * dim;
-        if (w == nullptr) {
-          for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<acc_t>(yj[d]);
+        const acc_t wj = w == nullptr ? acc_t(1) : w[j];  // y * 1 is y exactly
+        if (r == start[t]) {
+          for (int64_t d = 0; d < dim; ++d) acc[d] = acc_t(0) + static_cast<acc_t>(yj[d]) * wj;
         } else {
-          const acc_t wj = w[j];
           for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<acc_t>(yj[d]) * wj;
         }
       }
-      scalar_t* o = out + t * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+      if constexpr (!in_place) {
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+      }
     }
   });
 }

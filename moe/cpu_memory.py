@@ -66,7 +66,7 @@ class BufferPoolStats:
     fresh: buffers allocated from the system; reused: outputs served by a freed buffer.
     live_bytes / free_bytes: bytes in tensors now / kept free for reuse.
     high_water_bytes: most live bytes at once; limit: the cap on live + free bytes (-1 = default,
-    3/2 of high_water_bytes).
+    twice high_water_bytes).
     """
 
     fresh: int
@@ -85,7 +85,7 @@ def buffer_pool_stats() -> BufferPoolStats | None:
 
 
 def set_buffer_pool_limit(limit_bytes: int | None) -> None:
-    """Caps the pool's live + free bytes: None = the default (3/2 of the most live at once),
+    """Caps the pool's live + free bytes: None = the default (twice the most live at once),
     0 = keep no freed buffer (each output is allocated from the system, as without the pool).
 
     Raises ValueError for a negative limit; nothing to do without the C++ extension."""

@@ -31,6 +31,7 @@ __all__ = [
     "collective_device",
     "warn_if_device_unset",
     "exchange_counts",
+    "start_exchange_counts",
     "hierarchical_all_to_all",
     "check_same_config",
 ]
@@ -148,9 +149,16 @@ def warn_if_device_unset(group: Any = None) -> None:
 
 def exchange_counts(counts_WC: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Row w of counts_WC [W, C] (int64) goes to rank w; returns [W, C], row s from rank s."""
-    out = torch.empty_like(counts_WC)
-    dist.all_to_all_single(out, counts_WC.contiguous(), group=group)
+    out, work = start_exchange_counts(counts_WC, group)
+    work.wait()
     return out
+
+
+def start_exchange_counts(counts_WC: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, Any]:
+    """exchange_counts started asynchronously: (result [W, C], work); read the result after work.wait()."""
+    out = torch.empty_like(counts_WC)
+    work = dist.all_to_all_single(out, counts_WC.contiguous(), group=group, async_op=True)
+    return out, work
 
 
 def hierarchical_all_to_all(

@@ -32,9 +32,9 @@ from moe.dispatch import Dispatcher
 from moe.parallel.alltoall import (
     PendingExchange,
     all_to_all,
-    exchange_counts,
     hierarchical_all_to_all,
     start_all_to_all,
+    start_exchange_counts,
     wait_all_to_all,
 )
 from moe.parallel.sharded_experts import ParallelExperts
@@ -105,30 +105,65 @@ class ExpertParallelDispatcher(Dispatcher):
         self.local_size = local_size if local_size not in (None, 1, self.world) else None
 
     # -- routing ---------------------------------------------------------------------------
-    def _sort(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor, offset: int):  # type: ignore[no-untyped-def]
-        k = ids_TK.shape[1]
+    def _sort(self, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order [N] of the routed copies (flat T * K index) sorted by expert, counts [E])."""
         order, counts_E = ops.sort_by_expert(ids_TK.reshape(-1), self.num_experts, self.backend)
-        n = int(counts_E.sum())
-        order = order[:n]
-        return order // k + offset, weights_TK.reshape(-1)[order], counts_E
+        return order[: int(counts_E.sum())], counts_E
+
+    @staticmethod
+    def _copies(order: torch.Tensor, weights_TK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token [N] in the local batch, gate weight [N]) of each sorted copy."""
+        k = weights_TK.shape[1]
+        token = order if k == 1 else order // k
+        return token if offset == 0 else token + offset, weights_TK.reshape(-1)[order]
 
     def plan_routes(self, routing: Routing, mode: int, chunks: int) -> list[ChunkRoute]:
         """Sorts each chunk's copies and exchanges the per-expert counts (one small collective)."""
+        return self._route_and_send(None, routing, mode, chunks)[0]
+
+    def _route_and_send(
+        self, x_TD: torch.Tensor | None, routing: Routing, mode: int, chunks: int
+    ) -> tuple[list[ChunkRoute], list[torch.Tensor]]:
+        """(every chunk's route, its rows to send [S, D] gathered from x_TD; [] without x_TD)."""
         ids, weights = routing.expert_ids, routing.weights
         total, extra = divmod(ids.shape[0], chunks)
-        bounds = [total + (c < extra) for c in range(chunks)]  # torch.tensor_split's sizes
-        sorted_chunks, offset = [], 0
-        for size in bounds:
-            sorted_chunks.append(self._sort(ids[offset : offset + size], weights[offset : offset + size], offset))
-            offset += size
+        bounds = [0]
+        for c in range(chunks):
+            bounds.append(bounds[-1] + total + (c < extra))  # torch.tensor_split's sizes
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))  # [lo, hi) of each chunk's tokens
+        sorts = [self._sort(ids[lo:hi]) for lo, hi in spans]
         if mode == 0:
-            return [ChunkRoute(tok, w, tok, None, [], [], None, None, counts) for tok, w, counts in sorted_chunks]
+            routes = []
+            for (order, counts), (lo, hi) in zip(sorts, spans, strict=True):
+                tok, wts = self._copies(order, weights[lo:hi], lo)
+                routes.append(ChunkRoute(tok, wts, tok, None, [], [], None, None, counts))
+            return routes, self._gather_sends(x_TD, routes)
         w = self.world
         per_block = self.num_experts * mode // w
-        member_block = torch.arange(w) // mode  # block of each rank
-        counts_CBE = torch.stack([c for _, _, c in sorted_chunks]).view(chunks, w // mode, per_block)
-        send_WCE = counts_CBE[:, member_block].permute(1, 0, 2).contiguous()  # to rank q: its block's counts
-        recv_WCE = exchange_counts(send_WCE.view(w, -1), self.group).view(w, chunks, per_block)
+        counts_CBE = (sorts[0][1] if chunks == 1 else torch.stack([c for _, c in sorts])).view(chunks, w // mode, -1)
+        # To rank q: the counts of q's block (every block member serves all of its experts).
+        to_ranks = counts_CBE if mode == 1 else counts_CBE.repeat_interleave(mode, dim=1)
+        send_WCE = to_ranks.transpose(0, 1).contiguous()
+        # Started first: what this rank sends needs only its own counts, what it receives needs
+        # the others', which arrive while the rows to send are gathered.
+        recv_WCE, counts_work = start_exchange_counts(send_WCE.view(w, -1), self.group)
+        block_counts_CB = counts_CBE.sum(2) if per_block > 1 else counts_CBE.view(chunks, -1)
+        sends, copies = [], []
+        for c, ((order, _), (lo, hi)) in enumerate(zip(sorts, spans, strict=True)):
+            tok, wts = self._copies(order, weights[lo:hi], lo)
+            copies.append((tok, wts))
+            bc = block_counts_CB[c]
+            sizes = bc if mode == 1 else bc.repeat_interleave(mode)
+            sel = None
+            if mode > 1:  # each block's rows once per member: r replicas
+                starts = (torch.cumsum(bc, 0) - bc).repeat_interleave(mode)
+                within = torch.arange(int(sizes.sum()), device=sizes.device)
+                within -= torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+                sel = torch.repeat_interleave(starts, sizes) + within
+            sends.append((tok if sel is None else tok[sel], sel, sizes.tolist()))
+        sent = [] if x_TD is None else [ops.permute(x_TD, idx, self.backend) for idx, _, _ in sends]
+        counts_work.wait()
+        recv_WCE = recv_WCE.view(w, chunks, per_block)
         split_matrices = None
         if self.local_size is not None:
             mine_CW = send_WCE.sum(2).t().contiguous()
@@ -136,16 +171,7 @@ class ExpertParallelDispatcher(Dispatcher):
             dist.all_gather(gathered, mine_CW, group=self.group)
             split_matrices = torch.stack(gathered)  # [W src, C, W dst]
         routes = []
-        block_counts_CB = counts_CBE.sum(2)
-        for c, (tok, wts, _) in enumerate(sorted_chunks):
-            bc = block_counts_CB[c]
-            sizes = bc[member_block]
-            sel = None
-            if mode > 1:  # each block's rows once per member: r replicas
-                starts = (torch.cumsum(bc, 0) - bc)[member_block]
-                within = torch.arange(int(sizes.sum()), device=sizes.device)
-                within -= torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-                sel = torch.repeat_interleave(starts, sizes) + within
+        for c, ((tok, wts), (send_idx, sel, in_splits)) in enumerate(zip(copies, sends, strict=True)):
             rc = recv_WCE[:, c]
             order = inverse = None
             if per_block > 1:  # rows arrive (source, expert): regroup by expert
@@ -156,9 +182,9 @@ class ExpertParallelDispatcher(Dispatcher):
                 ChunkRoute(
                     tok,
                     wts,
-                    tok if sel is None else tok[sel],
+                    send_idx,
                     sel,
-                    sizes.tolist(),
+                    in_splits,
                     rc.sum(1).tolist(),
                     order,
                     inverse,
@@ -166,7 +192,10 @@ class ExpertParallelDispatcher(Dispatcher):
                     None if split_matrices is None else split_matrices[:, c],
                 )
             )
-        return routes
+        return routes, sent
+
+    def _gather_sends(self, x_TD: torch.Tensor | None, routes: list[ChunkRoute]) -> list[torch.Tensor]:
+        return [] if x_TD is None else [ops.permute(x_TD, r.send_token_idx, self.backend) for r in routes]
 
     # -- exchanges --------------------------------------------------------------------------
     def _start(self, x: torch.Tensor, route: ChunkRoute, back: bool) -> Any:
@@ -187,8 +216,7 @@ class ExpertParallelDispatcher(Dispatcher):
         self, x_TD: torch.Tensor, routing: Routing, mode: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, ParallelHandle]:
         """(x_sorted [R, D] rows of this rank's experts sorted by expert, counts [E_b], handle)."""
-        (route,) = self.plan_routes(routing, mode, 1)
-        x_sent = ops.permute(x_TD, route.send_token_idx, self.backend)
+        (route,), (x_sent,) = self._route_and_send(x_TD, routing, mode, 1)
         if mode == 0:
             return x_sent, route.counts, ParallelHandle([route], x_TD.shape[0], mode)
         x_recv = _reorder(self._wait(self._start(x_sent, route, back=False)), route.order, self.backend)
@@ -226,8 +254,7 @@ class ExpertParallelDispatcher(Dispatcher):
 
         `overlap` (the layer's shared experts) runs while the first dispatch is in flight.
         """
-        routes = self.plan_routes(routing, mode, chunks)
-        sent = [ops.permute(x_TD, r.send_token_idx, self.backend) for r in routes]
+        routes, sent = self._route_and_send(x_TD, routing, mode, chunks)
         started = [self._start(x, r, back=False) for x, r in zip(sent, routes, strict=True)] if mode else []
         shared = overlap(x_TD) if overlap is not None else None  # overlaps the dispatch
         weights = experts.weights(mode)
