@@ -173,11 +173,11 @@ class ExpertParallelDispatcher(Dispatcher):
         routes = []
         for c, ((tok, wts), (send_idx, sel, in_splits)) in enumerate(zip(copies, sends, strict=True)):
             rc = recv_WCE[:, c]
-            order = inverse = None
+            regroup = inverse = None
             if per_block > 1:  # rows arrive (source, expert): regroup by expert
-                order = transpose_segments(rc)
-                inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(order.numel(), device=order.device)
+                regroup = transpose_segments(rc)
+                inverse = torch.empty_like(regroup)
+                inverse[regroup] = torch.arange(regroup.numel(), device=regroup.device)
             routes.append(
                 ChunkRoute(
                     tok,
@@ -186,7 +186,7 @@ class ExpertParallelDispatcher(Dispatcher):
                     sel,
                     in_splits,
                     rc.sum(1).tolist(),
-                    order,
+                    regroup,
                     inverse,
                     rc.sum(0),
                     None if split_matrices is None else split_matrices[:, c],
