@@ -57,12 +57,25 @@ inline int64_t split_threads(bool on_cpu, int64_t rows) {
 // [R b / t, R (b + 1) / t) of the R routed rows, whole experts where they fit and a share of each
 // expert its range cuts (at most two per thread). Every thread gets the same number of rows
 // whatever the routing (splitting by whole experts left one thread with 23% more rows than the
-// mean on a random router's 8-expert routing, and its GEMMs ran that much longer).
+// mean on a random router's 8-expert routing, and its GEMMs ran that much longer). A cut that
+// would leave a sliver of an expert (under kMinRowsPerThread rows) on one side moves to the
+// expert's edge instead: a 10-row share of a 266-row expert cost the small layer's backward 5%
+// (BENCHMARKS.md, issue 21), 10 rows of imbalance cost 0.5%.
 inline std::vector<std::vector<ExpertPart>> expert_parts(const std::vector<int64_t>& ends, int64_t threads) {
   const int64_t rows = ends.empty() ? 0 : ends.back();
+  std::vector<int64_t> cuts(threads + 1, rows);
+  cuts[0] = 0;
+  for (int64_t b = 1, e = 0; b < threads; ++b) {
+    int64_t cut = rows * b / threads;
+    while (ends[e] <= cut) ++e;  // the expert that row `cut` falls in (cut < rows = ends.back())
+    const int64_t start = e == 0 ? 0 : ends[e - 1];
+    if (cut - start < kMinRowsPerThread) cut = start;
+    else if (ends[e] - cut < kMinRowsPerThread) cut = ends[e];
+    cuts[b] = std::max(cut, cuts[b - 1]);
+  }
   std::vector<std::vector<ExpertPart>> parts(threads);
   for (int64_t b = 0; b < threads; ++b) {
-    const int64_t lo = rows * b / threads, hi = rows * (b + 1) / threads;
+    const int64_t lo = cuts[b], hi = cuts[b + 1];
     for (int64_t e = 0, start = 0; e < int64_t(ends.size()) && start < hi; start = ends[e], ++e) {
       const int64_t first = std::max(start, lo), last = std::min(ends[e], hi);
       if (first < last) parts[b].push_back(ExpertPart{e, start, ends[e], first, last});
