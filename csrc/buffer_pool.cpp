@@ -19,7 +19,7 @@
 // different sizes cannot stand in for each other: at 5/4 that layer still missed 5 buffers a
 // step, at 3/2 none. Two shapes that alternate (an expert-parallel layer switching between its
 // plain and pipelined paths, benchmarks/all_to_all.py) need the buffers of both: at 3/2 they
-// evicted each other, 200 fresh buffers in 40 steps, each page-faulted back in. The limit only
+// evicted each other, 207 fresh buffers in 50 steps, each page-faulted back in. The limit only
 // caps what the pool may keep; it never holds more than the distinct buffers a loop uses.
 // set_limit trades memory for reuse; set_limit(0) turns reuse off.
 #include "buffer_pool.h"

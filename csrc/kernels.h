@@ -55,12 +55,13 @@ inline int64_t split_threads(bool on_cpu, int64_t rows) {
 
 // The parts of each thread when `threads` split the rows evenly: thread b takes rows
 // [R b / t, R (b + 1) / t) of the R routed rows, whole experts where they fit and a share of each
-// expert its range cuts (at most two per thread). Every thread gets the same number of rows
-// whatever the routing (splitting by whole experts left one thread with 23% more rows than the
-// mean on a random router's 8-expert routing, and its GEMMs ran that much longer). A cut that
-// would leave a sliver of an expert (under kMinRowsPerThread rows) on one side moves to the
-// expert's edge instead: a 10-row share of a 266-row expert cost the small layer's backward 5%
-// (BENCHMARKS.md, issue 21), 10 rows of imbalance cost 0.5%.
+// expert its range cuts (at most two per thread). Every thread gets the same number of rows, to
+// within kMinRowsPerThread, whatever the routing (whole experts per thread left one thread 23%
+// more rows than the mean on a random router's 8-expert routing, and its GEMMs ran that much
+// longer). A cut that would leave a sliver of an expert (under kMinRowsPerThread rows) on one side
+// moves to the expert's edge instead: BLAS packs the whole expert weight for every GEMM, so a
+// 10-row share of a 266-row expert cost the small layer's backward 5% (BENCHMARKS.md, issue 21),
+// and 10 rows of imbalance cost 0.5%.
 inline std::vector<std::vector<ExpertPart>> expert_parts(const std::vector<int64_t>& ends, int64_t threads) {
   const int64_t rows = ends.empty() ? 0 : ends.back();
   std::vector<int64_t> cuts(threads + 1, rows);
