@@ -175,12 +175,16 @@ def test_grouped_mm_wgrad_matches_reference() -> None:
 # Enough rows for several threads (>= 32 each): thread ranges cut experts (those parts split dW by
 # columns, cut at multiples of 16 of 33), one expert spans more than a thread's range, some have none.
 SPLIT_COUNTS = [70, 0, 13, 150, 1, 0, 40]
+# Cuts that would leave an expert fewer than 32 rows move to its edge: at 2 threads row 99 would
+# leave expert 2 (rows 60-105) 6 rows, at 3 threads rows 66 and 132 leave 6 and 27.
+SLIVER_COUNTS = [60, 0, 45, 40, 3, 50]
 
 
 @pytest.mark.parametrize("threads", [2, 3, 4])
-def test_grouped_mm_split_over_threads(threads: int) -> None:
+@pytest.mark.parametrize("counts", [SPLIT_COUNTS, SLIVER_COUNTS])
+def test_grouped_mm_split_over_threads(threads: int, counts: list[int]) -> None:
     torch.set_num_threads(threads)
-    x, w, c = _grouped_inputs(SPLIT_COUNTS, 5, 20, 33, torch.float64)
+    x, w, c = _grouped_inputs(counts, 5, 20, 33, torch.float64)
     dy = torch.randn(x.shape[0], 33, dtype=torch.float64)
     torch.testing.assert_close(cpp.grouped_mm(x, w, c), reference.grouped_mm(x, w, c))
     dx = OPS.grouped_mm(dy, w.transpose(1, 2), c)
@@ -271,7 +275,7 @@ def _experts_reference(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize(("counts", "pad"), [([5, 0, 2, 3], 3), (SPLIT_COUNTS, 4), ([0, 0, 0], 2)])
+@pytest.mark.parametrize(("counts", "pad"), [([5, 0, 2, 3], 3), (SPLIT_COUNTS, 4), (SLIVER_COUNTS, 1), ([0, 0, 0], 2)])
 def test_swiglu_experts_forward_and_gradients(threads: int, dtype: torch.dtype, counts: list[int], pad: int) -> None:
     """Parts of experts two threads share (SPLIT_COUNTS) take the shared-rows path of dW_in. bf16 is
     compared with the two separate C++ ops it replaces (the reference rounds to bf16 after every op,
