@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 import moe
 from moe.parallel import ExpertParallelDispatcher, Plan, PlannerConfig, load_checkpoint, save_checkpoint
+from moe.parallel.alltoall import exchange_counts
 from moe.parallel.layout import valid_modes
 
 pytestmark = pytest.mark.distributed
@@ -188,7 +189,16 @@ def _check_timeout(rank: int) -> None:
     dist.barrier()
 
 
+def _check_exchange_counts(rank: int, world: int) -> None:
+    """Row w of the counts goes to rank w, also from a transposed (non-contiguous) view."""
+    sent_CW = torch.arange(3 * world, dtype=torch.int64).view(3, world) + 100 * rank  # [3, W]
+    got = exchange_counts(sent_CW.t())  # row w = column w of every rank's [3, W]
+    want = torch.stack([torch.arange(3) * world + rank + 100 * src for src in range(world)])
+    assert got.is_contiguous() and torch.equal(got, want), (got, want)
+
+
 def _two_ranks(rank: int, world: int, path: str, out_path: str) -> None:
+    _check_exchange_counts(rank, world)
     _modes_rank(rank, world, 4, (1, 3))
     _check_mismatch(rank)
     _check_plan_mismatch(rank)

@@ -156,8 +156,9 @@ def exchange_counts(counts_WC: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 def start_exchange_counts(counts_WC: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, Any]:
     """exchange_counts started asynchronously: (result [W, C], work); read the result after work.wait()."""
-    out = torch.empty_like(counts_WC)
-    work = dist.all_to_all_single(out, counts_WC.contiguous(), group=group, async_op=True)
+    send = counts_WC.contiguous()
+    out = torch.empty_like(send)  # row-major like the rows the exchange writes (empty_like keeps a transpose's strides)
+    work = dist.all_to_all_single(out, send, group=group, async_op=True)
     return out, work
 
 
