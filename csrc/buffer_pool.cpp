@@ -30,6 +30,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <cstring>
 #include <mutex>
@@ -157,8 +159,17 @@ class BufferPool final : public c10::Allocator {
 };
 
 // Never destroyed: tensors that outlive static destruction still return their buffers here.
+// fork() (a DataLoader's workers) copies the pool's mutex as it is: had another thread held it,
+// the child's copy would stay locked and its first pooled allocation would hang. The fork
+// handlers take the lock around fork() and release it on both sides; the child keeps the free
+// buffers (its own copies of them).
 BufferPool* BufferPool::self() {
-  static BufferPool* pool = new BufferPool();
+  static BufferPool* pool = [] {
+    auto* p = new BufferPool();
+    pthread_atfork([] { self()->mutex_.lock(); }, [] { self()->mutex_.unlock(); },
+                   [] { self()->mutex_.unlock(); });
+    return p;
+  }();
   return pool;
 }
 
