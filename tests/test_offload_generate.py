@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import pickle
 
 import pytest
@@ -333,3 +335,24 @@ def test_runtime_prefetch_budget_uses_measured_layer_time_and_copies_in_flight(m
         assert 0.0 < rt.layer_seconds < 1.0  # measured between the layers' expert calls
     finally:
         om.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_close_unmaps_the_stores_shards(mixtral) -> None:
+    """OffloadedModel.close() closes the shard files the expert store reads from: their memory maps
+    go (the model's dense weights, views of the checkpoint's map, keep theirs while it lives)."""
+    path = mixtral[0]
+
+    def mapped() -> int:
+        with open("/proc/self/maps") as maps:
+            return sum(os.path.realpath(path) in line for line in maps)
+
+    gc.collect()  # earlier tests' models, which map the same checkpoint
+    om = mo.load(path, "cpu", config=mo.OffloadConfig(2 * mixtral[2] * EXPERT_BYTES, "lru", ram_cache_bytes=0))
+    gc.collect()
+    loaded = mapped()
+    om.model.generate(PROMPT, max_new_tokens=2, do_sample=False)  # the store opens and reads its shard
+    assert mapped() > loaded
+    om.close()
+    gc.collect()
+    assert mapped() == loaded

@@ -205,6 +205,10 @@ class ShardReader:
             self._handles[path] = h
         return h
 
+    def close(self) -> None:
+        """Closes every shard (drops the handles and with them their memory maps)."""
+        self._handles.clear()
+
     def tensor(self, where: tuple[str, str]) -> torch.Tensor:
         """The tensor `name` of shard `path`, read through the memory map."""
         path, key = where

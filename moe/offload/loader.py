@@ -43,10 +43,14 @@ class OffloadedModel:
     model: nn.Module
     runtime: OffloadRuntime
     model_dir: str
+    shards: ShardReader | None = None  # the store's reader of the checkpoint's shard files
 
     def close(self) -> None:
-        """Stops the store's reader thread and frees the device and RAM tiers."""
+        """Stops the store's reader thread, then closes the checkpoint's shard files (their memory
+        maps); the model cannot run experts after it."""
         self.runtime.close()
+        if self.shards is not None:
+            self.shards.close()
 
 
 @contextlib.contextmanager
@@ -316,7 +320,7 @@ def load(
             router.e_score_correction_bias = torch.zeros(router.e_score_correction_bias.shape, device=device)
     _load_dense(model, idx, blocks, checker, dtype, device, progress)
     model.eval()
-    return OffloadedModel(model, runtime, model_dir)
+    return OffloadedModel(model, runtime, model_dir, shard_reader)
 
 
 def _expert_format(
