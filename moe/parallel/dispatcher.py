@@ -236,10 +236,11 @@ class ExpertParallelDispatcher(Dispatcher):
             y if r.replica_of is None else y.new_zeros(r.token_idx.shape[0], y.shape[1]).index_add(0, r.replica_of, y)
             for y, r in zip(ys, routes, strict=True)
         ]
-        y_all = torch.cat(copies) if len(copies) > 1 else copies[0]
+        if len(routes) == 1:
+            return ops.unpermute(copies[0], routes[0].token_idx, routes[0].weights, num_tokens, self.backend)
         token_idx = torch.cat([r.token_idx for r in routes])
         weights = torch.cat([r.weights for r in routes])
-        return ops.unpermute(y_all, token_idx, weights, num_tokens, self.backend)
+        return ops.unpermute(torch.cat(copies), token_idx, weights, num_tokens, self.backend)
 
     def run(  # type: ignore[override]
         self,
