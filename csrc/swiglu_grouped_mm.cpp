@@ -58,6 +58,25 @@ at::Tensor swiglu_grouped_mm_cpu(const at::Tensor& h, const at::Tensor& w, const
   return y;
 }
 
+// One part's backward through swiglu_grouped_mm, shared by its backward and swiglu_experts':
+// the part's share of dW's columns over all the expert's rows (skipped when dw is null), then
+// grad_h_p [rows, 2H] = the SwiGLU backward of dact = dy_p w^T.
+void part_backward(const ExpertPart& p, const at::Tensor& dy, const at::Tensor& hc, const at::Tensor& w,
+                   at::Tensor* dw, at::Tensor& grad_h_p) {
+  if (dw != nullptr) {
+    const auto [c0, c1] = p.columns(w.size(2));
+    if (c1 > c0) {
+      const int64_t rows = p.end - p.start;
+      auto dw_e = (*dw)[p.expert].narrow(1, c0, c1 - c0);
+      auto act_e = swiglu_rows(hc.narrow(0, p.start, rows));  // the activation, recomputed
+      at::mm_out(dw_e, act_e.t(), dy.narrow(0, p.start, rows).narrow(1, c0, c1 - c0));
+    }
+  }
+  auto dact = pooled_empty({p.rows(), w.size(1)}, hc.options());
+  mm_out_by_columns(dact, dy.narrow(0, p.first, p.rows()), w[p.expert].t());
+  swiglu_backward_into(dact, hc.narrow(0, p.first, p.rows()), grad_h_p);
+}
+
 // (grad_h [N, 2H], grad_w [E, H, D], or [0] when weight_grad is false).
 std::tuple<at::Tensor, at::Tensor> swiglu_grouped_mm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& h,
                                                                   const at::Tensor& w, const at::Tensor& counts,
@@ -74,19 +93,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_grouped_mm_backward_cpu(const at::Tens
   auto grad_h = pooled_empty(hc.sizes(), hc.options());
   auto dw = weight_grad ? pooled_empty(w.sizes(), w.options()) : w.new_empty({0});
   for_expert_parts(true, ends, [&](const ExpertPart& p) {
-    if (weight_grad) {  // this part's share of dW's columns, over all the expert's rows
-      const auto [c0, c1] = p.columns(w.size(2));
-      if (c1 > c0) {
-        const int64_t rows = p.end - p.start;
-        auto dw_e = dw[p.expert].narrow(1, c0, c1 - c0);
-        auto act_e = swiglu_rows(hc.narrow(0, p.start, rows));  // the activation, recomputed
-        at::mm_out(dw_e, act_e.t(), dy.narrow(0, p.start, rows).narrow(1, c0, c1 - c0));
-      }
-    }
-    auto dact = pooled_empty({p.rows(), w.size(1)}, hc.options());
-    mm_out_by_columns(dact, dy.narrow(0, p.first, p.rows()), w[p.expert].t());
     auto grad_h_p = grad_h.narrow(0, p.first, p.rows());
-    swiglu_backward_into(dact, hc.narrow(0, p.first, p.rows()), grad_h_p);
+    part_backward(p, dy, hc, w, weight_grad ? &dw : nullptr, grad_h_p);
   });
   if (weight_grad) zero_empty_experts(dw, ends);
   zero_padding_rows(grad_h, ends);
@@ -102,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_grouped_mm_backward_cpu(const at::Tens
 // the step's memory peak. dW_in of an expert two threads share reduces over both parts' rows:
 // those parts keep their grad_h rows, and one GEMM per such expert after the parallel part
 // computes it (the same GEMM a whole expert gets, so results do not depend on the split).
-void check_experts(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& counts) {
+void check_experts(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out) {
   TORCH_CHECK_VALUE(x.dim() == 2 && w_in.dim() == 3 && w_in.size(1) == x.size(1),
                     "swiglu_experts: x must be [N, D] and w_in [E, D, 2H], got shapes ", shape_str(x.sizes()), " and ",
                     shape_str(w_in.sizes()));
@@ -116,7 +124,7 @@ void check_experts(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> swiglu_experts_cpu(const at::Tensor& x, const at::Tensor& w_in,
                                                       const at::Tensor& w_out, const at::Tensor& counts) {
-  check_experts(x, w_in, w_out, counts);
+  check_experts(x, w_in, w_out);
   auto h = grouped_mm_impl(x, w_in, counts);
   return {swiglu_grouped_mm_cpu(h, w_out, counts), h};
 }
@@ -125,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_experts_cpu(const at::Tensor& x, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_experts_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_in, const at::Tensor& w_out,
     const at::Tensor& counts, std::array<bool, 3> output_mask) {
-  check_experts(x, w_in, w_out, counts);
+  check_experts(x, w_in, w_out);
   check_inputs(h, w_out, counts);
   TORCH_CHECK_VALUE(h.size(0) == x.size(0) && grad_y.dim() == 2 && grad_y.size(0) == x.size(0) &&
                         grad_y.size(1) == x.size(1),
@@ -157,19 +165,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_experts_backward_cpu(
   }
   auto shared_h = pooled_empty({shared_rows, 2 * hidden}, hc.options());
   run_parts(parts, [&](const ExpertPart& p) {
-    const int64_t e = p.expert, rows = p.end - p.start;
-    if (need_dw_out) {  // this part's share of dW_out's columns, over all the expert's rows
-      const auto [c0, c1] = p.columns(w_out.size(2));
-      if (c1 > c0) {
-        auto dw_e = dw_out[e].narrow(1, c0, c1 - c0);
-        at::mm_out(dw_e, swiglu_rows(hc.narrow(0, p.start, rows)).t(), dy.narrow(0, p.start, rows).narrow(1, c0, c1 - c0));
-      }
-    }
-    auto dact = pooled_empty({p.rows(), hidden}, hc.options());
-    mm_out_by_columns(dact, dy.narrow(0, p.first, p.rows()), w_out[e].t());
+    const int64_t e = p.expert;
     auto grad_h = shared_row[e] >= 0 ? shared_h.narrow(0, shared_row[e] + p.first - p.start, p.rows())
                                      : pooled_empty({p.rows(), 2 * hidden}, hc.options());
-    swiglu_backward_into(dact, hc.narrow(0, p.first, p.rows()), grad_h);
+    part_backward(p, dy, hc, w_out, need_dw_out ? &dw_out : nullptr, grad_h);
     if (need_dx) {
       auto dx_p = dx.narrow(0, p.first, p.rows());
       mm_out_by_columns(dx_p, grad_h, w_in[e].t());
