@@ -137,7 +137,7 @@ class ExpertParallelDispatcher(Dispatcher):
             for (order, counts), (lo, hi) in zip(sorts, spans, strict=True):
                 tok, wts = self._copies(order, weights[lo:hi], lo)
                 routes.append(ChunkRoute(tok, wts, tok, None, [], [], None, None, counts))
-            return routes, self._gather_sends(x_TD, routes)
+            return routes, self._gather(x_TD, [r.send_token_idx for r in routes])
         w = self.world
         per_block = self.num_experts * mode // w
         counts_CBE = (sorts[0][1] if chunks == 1 else torch.stack([c for _, c in sorts])).view(chunks, w // mode, -1)
@@ -161,7 +161,7 @@ class ExpertParallelDispatcher(Dispatcher):
                 within -= torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
                 sel = torch.repeat_interleave(starts, sizes) + within
             sends.append((tok if sel is None else tok[sel], sel, sizes.tolist()))
-        sent = [] if x_TD is None else [ops.permute(x_TD, idx, self.backend) for idx, _, _ in sends]
+        sent = self._gather(x_TD, [idx for idx, _, _ in sends])  # overlaps the count exchange
         counts_work.wait()
         recv_WCE = recv_WCE.view(w, chunks, per_block)
         split_matrices = None
@@ -194,8 +194,9 @@ class ExpertParallelDispatcher(Dispatcher):
             )
         return routes, sent
 
-    def _gather_sends(self, x_TD: torch.Tensor | None, routes: list[ChunkRoute]) -> list[torch.Tensor]:
-        return [] if x_TD is None else [ops.permute(x_TD, r.send_token_idx, self.backend) for r in routes]
+    def _gather(self, x_TD: torch.Tensor | None, send_idx: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each chunk's rows to send, gathered from x_TD ([] without x_TD: routes only)."""
+        return [] if x_TD is None else [ops.permute(x_TD, idx, self.backend) for idx in send_idx]
 
     # -- exchanges --------------------------------------------------------------------------
     def _start(self, x: torch.Tensor, route: ChunkRoute, back: bool) -> Any:
