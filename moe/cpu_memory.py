@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["keep_freed_memory", "BufferPoolStats", "buffer_pool_stats", "set_buffer_pool_limit", "pooled_empty"]
+__all__ = ["keep_freed_memory", "BufferPoolStats", "buffer_pool_stats", "set_buffer_pool_limit", "pooled_empty", "pooled_cat"]
 
 
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -101,6 +101,29 @@ def pooled_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     if like.device.type == "cpu" and _cpp_loaded():
         return torch.ops.moe.empty_pooled(list(shape), like.dtype)
     return like.new_empty(shape)
+
+
+class _PooledCat(torch.autograd.Function):
+    """torch.cat along rows into a pooled buffer; the backward hands out row slices of the gradient."""
+
+    @staticmethod
+    def forward(ctx, *parts: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rows = [p.shape[0] for p in parts]
+        out = pooled_empty((sum(ctx.rows), *parts[0].shape[1:]), parts[0])
+        return torch.cat(parts, out=out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad.split(ctx.rows)
+
+
+def pooled_cat(parts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """torch.cat(parts) along dim 0, differentiable, into a pooled_empty buffer: a cat of the same
+    size every step (the pipelined expert-parallel combine, the 2D all-to-all) reuses its memory
+    instead of page-faulting a fresh one in."""
+    if not parts:
+        raise ValueError("pooled_cat needs at least one tensor")
+    return parts[0] if len(parts) == 1 else _PooledCat.apply(*parts)
 
 
 def _cpp_loaded() -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import moe
-from moe.cpu_memory import buffer_pool_stats, pooled_empty, set_buffer_pool_limit
+from moe.cpu_memory import buffer_pool_stats, pooled_cat, pooled_empty, set_buffer_pool_limit
 from moe.ops import cpp
 
 pytest.importorskip("moe._C", reason="the C++ extension is not built")
@@ -146,6 +146,27 @@ def test_pooled_empty_reuses_a_freed_buffer_of_its_size() -> None:
     assert b.data_ptr() == address
     c = pooled_empty((1024, 1024), like)  # b is alive: never the same buffer
     assert c.data_ptr() != b.data_ptr()
+
+
+def test_pooled_cat_matches_torch_cat_and_reuses_its_buffer() -> None:
+    set_buffer_pool_limit(0)  # drop the free buffers of earlier tests
+    set_buffer_pool_limit(None)
+    torch.manual_seed(0)
+    parts = [torch.randn(rows, 1024, dtype=torch.float64, requires_grad=True) for rows in (100, 0, 156)]
+    out = pooled_cat(parts)
+    torch.testing.assert_close(out, torch.cat(parts), rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    for p, g in zip(parts, grad.split([100, 0, 156]), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    address = out.data_ptr()  # 2 MiB: pooled
+    del out
+    with torch.no_grad():
+        again = pooled_cat(parts)
+    assert again.data_ptr() == address, "the second cat of the same size took a fresh buffer"
+    assert pooled_cat(parts[:1]) is parts[0]
+    with pytest.raises(ValueError, match="at least one"):
+        pooled_cat([])
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.cpu_memory import pooled_empty
+from moe.cpu_memory import pooled_cat, pooled_empty
 
 __all__ = [
     "PendingExchange",
@@ -194,7 +194,7 @@ def hierarchical_all_to_all(
     for l2 in range(local_size):
         in1[dest(node, l2)] = sum(sm[rank][dest(n2, l2)] for n2 in range(nodes))
         out1[dest(node, l2)] = sum(sm[dest(node, l2)][dest(n2, local)] for n2 in range(nodes))
-    recv1 = all_to_all(torch.cat(send1) if send1 else x_ND, in1, out1, group)
+    recv1 = all_to_all(pooled_cat(send1) if send1 else x_ND, in1, out1, group)
     # recv1: from each local source l1, rows for (n2, local) ordered by n2.
     sizes1 = [sm[dest(node, l1)][dest(n2, local)] for l1 in range(local_size) for n2 in range(nodes)]
     parts1 = list(torch.split(recv1, sizes1))
@@ -205,7 +205,7 @@ def hierarchical_all_to_all(
     for n2 in range(nodes):
         in2[dest(n2, local)] = sum(sm[dest(node, l1)][dest(n2, local)] for l1 in range(local_size))
         out2[dest(n2, local)] = sum(sm[dest(n2, l1)][rank] for l1 in range(local_size))
-    return all_to_all(torch.cat(send2) if send2 else recv1, in2, out2, group)
+    return all_to_all(pooled_cat(send2) if send2 else recv1, in2, out2, group)
 
 
 def check_same_config(fingerprint: dict[str, int], group: Any = None, what: str = "MoE layer") -> None:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moe import ops
+from moe.cpu_memory import pooled_cat
 from moe.dispatch import Dispatcher
 from moe.parallel.alltoall import (
     PendingExchange,
@@ -241,7 +242,7 @@ class ExpertParallelDispatcher(Dispatcher):
             return ops.unpermute(copies[0], routes[0].token_idx, routes[0].weights, num_tokens, self.backend)
         token_idx = torch.cat([r.token_idx for r in routes])
         weights = torch.cat([r.weights for r in routes])
-        return ops.unpermute(torch.cat(copies), token_idx, weights, num_tokens, self.backend)
+        return ops.unpermute(pooled_cat(copies), token_idx, weights, num_tokens, self.backend)
 
     def run(  # type: ignore[override]
         self,
