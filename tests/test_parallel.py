@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 import moe
 from moe.parallel import ExpertParallelDispatcher, Plan, PlannerConfig, load_checkpoint, save_checkpoint
-from moe.parallel.alltoall import exchange_counts
+from moe.parallel.alltoall import all_to_all, exchange_counts, start_all_to_all, wait_all_to_all
 from moe.parallel.layout import valid_modes
 
 pytestmark = pytest.mark.distributed
@@ -197,8 +197,36 @@ def _check_exchange_counts(rank: int, world: int) -> None:
     assert got.is_contiguous() and torch.equal(got, want), (got, want)
 
 
+def _check_exchanges(rank: int, world: int) -> None:
+    """all_to_all and start/wait give the same rows with and without autograd, and their
+    backward is the reverse exchange (uneven splits: rank r sends r + 1 + d rows to rank d)."""
+    in_splits = [rank + 1 + d for d in range(world)]
+    out_splits = [src + 1 + rank for src in range(world)]
+    x = (torch.arange(sum(in_splits) * 3, dtype=torch.float64).view(-1, 3) + 1000 * rank).requires_grad_()
+    want = torch.cat(
+        [
+            torch.arange(sum(src + 1 + d for d in range(world)) * 3, dtype=torch.float64).view(-1, 3)[
+                sum(src + 1 + d for d in range(rank)) : sum(src + 1 + d for d in range(rank + 1))
+            ]
+            + 1000 * src
+            for src in range(world)
+        ]
+    )
+    for exchange in (all_to_all, lambda *a: wait_all_to_all(*start_all_to_all(*a))):
+        with torch.no_grad():
+            plain = exchange(x, in_splits, out_splits)
+        assert plain.grad_fn is None and torch.equal(plain, want)
+        y = exchange(x, in_splits, out_splits)
+        assert y.grad_fn is not None and torch.equal(y, want)
+        x.grad = None
+        (y * (rank + 1)).sum().backward()  # each received row's gradient is its receiver's rank + 1
+        grad_want = torch.cat([torch.full((n, 3), d + 1.0, dtype=torch.float64) for d, n in enumerate(in_splits)])
+        assert torch.equal(x.grad, grad_want), (x.grad, grad_want)
+
+
 def _two_ranks(rank: int, world: int, path: str, out_path: str) -> None:
     _check_exchange_counts(rank, world)
+    _check_exchanges(rank, world)
     _modes_rank(rank, world, 4, (1, 3))
     _check_mismatch(rank)
     _check_plan_mismatch(rank)

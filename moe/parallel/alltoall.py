@@ -45,6 +45,7 @@ class PendingExchange:
         self.work: Any = None
         self.grad_work: Any = None
         self.grad_in: torch.Tensor | None = None
+        self.plain = False  # True: started without autograd nodes (nothing needed a gradient)
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any, async_op: bool):  # type: ignore[no-untyped-def]
@@ -104,19 +105,48 @@ def start_all_to_all(
         (buffer [M, ...], pending). The backward runs the reverse exchange (splits swapped).
     """
     pending = PendingExchange([int(s) for s in in_splits], [int(s) for s in out_splits], group)
+    if not _needs_grad(x_ND):  # no graph to record: the two autograd nodes would only cost time
+        pending.plain = True
+        out, pending.work = _exchange(x_ND, pending.out_splits, pending.in_splits, group, True)
+        return out, pending
     return _Start.apply(x_ND, pending), pending
 
 
 def wait_all_to_all(buffer: torch.Tensor, pending: PendingExchange) -> torch.Tensor:
     """Waits for start_all_to_all's exchange and returns its [M, ...] result (differentiable)."""
+    if pending.plain:
+        pending.work.wait()
+        pending.work = None
+        return buffer
     return _Wait.apply(buffer, pending)
+
+
+class _Exchange(torch.autograd.Function):
+    """A synchronous exchange as one autograd node (the backward is the reverse exchange)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, in_splits: list[int], out_splits: list[int], group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.splits, ctx.group = (in_splits, out_splits), group
+        return _exchange(x, out_splits, in_splits, group, False)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        in_splits, out_splits = ctx.splits
+        return _exchange(grad_out.contiguous(), in_splits, out_splits, ctx.group, False)[0], None, None, None
 
 
 def all_to_all(
     x_ND: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], group: Any = None
 ) -> torch.Tensor:
     """Synchronous differentiable all_to_all_single: [N, ...] -> [M, ...]."""
-    return wait_all_to_all(*start_all_to_all(x_ND, in_splits, out_splits, group))
+    ins, outs = [int(s) for s in in_splits], [int(s) for s in out_splits]
+    if not _needs_grad(x_ND):
+        return _exchange(x_ND, outs, ins, group, False)[0]
+    return _Exchange.apply(x_ND, ins, outs, group)
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def collective_device(group: Any = None) -> torch.device:

@@ -208,6 +208,13 @@ class ExpertParallelDispatcher(Dispatcher):
             return hierarchical_all_to_all(x, sm, self.local_size, self.group), None
         return start_all_to_all(x, ins, outs, self.group)
 
+    def _exchange(self, x: torch.Tensor, route: ChunkRoute, back: bool) -> torch.Tensor:
+        """The exchange of _start, synchronous: one autograd node instead of a start and a wait."""
+        if route.split_matrix is not None:
+            return self._wait(self._start(x, route, back))
+        ins, outs = (route.out_splits, route.in_splits) if back else (route.in_splits, route.out_splits)
+        return all_to_all(x, ins, outs, self.group)
+
     @staticmethod
     def _wait(started: tuple[torch.Tensor, PendingExchange | None]) -> torch.Tensor:
         buf, pending = started
@@ -221,14 +228,14 @@ class ExpertParallelDispatcher(Dispatcher):
         (route,), (x_sent,) = self._route_and_send(x_TD, routing, mode, 1)
         if mode == 0:
             return x_sent, route.counts, ParallelHandle([route], x_TD.shape[0], mode)
-        x_recv = _reorder(self._wait(self._start(x_sent, route, back=False)), route.order, self.backend)
+        x_recv = _reorder(self._exchange(x_sent, route, back=False), route.order, self.backend)
         return x_recv, route.counts, ParallelHandle([route], x_TD.shape[0], mode)
 
     def combine(self, y_sorted: torch.Tensor, handle: ParallelHandle) -> torch.Tensor:
         """y_sorted [R, D] from dispatch's rows -> y_TD [T, D] (weighted sum in fp32)."""
         (route,) = handle.routes
         if handle.mode != 0:
-            y_sorted = self._wait(self._start(_reorder(y_sorted, route.inverse, self.backend), route, back=True))
+            y_sorted = self._exchange(_reorder(y_sorted, route.inverse, self.backend), route, back=True)
         return self._unpermute([y_sorted], handle.routes, handle.num_tokens)
 
     def _unpermute(self, ys: list[torch.Tensor], routes: list[ChunkRoute], num_tokens: int) -> torch.Tensor:
