@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["keep_freed_memory", "BufferPoolStats", "buffer_pool_stats", "set_buffer_pool_limit", "pooled_empty", "pooled_cat"]
+__all__ = [
+    "keep_freed_memory",
+    "BufferPoolStats",
+    "buffer_pool_stats",
+    "set_buffer_pool_limit",
+    "pooled_empty",
+    "pooled_cat",
+]
 
 
 # mallopt parameter numbers from glibc's <malloc.h>.
