@@ -115,6 +115,17 @@ def test_unpermute_forward_and_gradients(dtype: torch.dtype, t: int, k: int, e: 
     assert_close(w.grad, w_ref.grad, dtype)
 
 
+@pytest.mark.parametrize("d", [1, 7, 8, 33, 1027])
+def test_unpermute_fp32_has_index_adds_bits(d: int) -> None:
+    """fp32 rows are summed in the output row, vectorised (AVX2 where the CPU has it, no FMA):
+    the bits must still be those of index_add, which adds each product in ascending row order."""
+    token_idx, _ = _sorted_rows(50, 3, 7)
+    y, w = torch.randn(150, d), torch.rand(150)
+    want = torch.zeros(50, d).index_add(0, token_idx, y * w[:, None])
+    assert torch.equal(cpp.unpermute(y, token_idx, w, 50), want)
+    assert torch.equal(OPS.scatter_rows(y, token_idx, 50), torch.zeros(50, d).index_add(0, token_idx, y))
+
+
 def test_unpermute_is_deterministic() -> None:
     token_idx, _ = _sorted_rows(64, 4, 8)
     y, w = torch.randn(256, 33), torch.rand(256)
