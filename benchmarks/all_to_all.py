@@ -10,6 +10,11 @@ Per message size (bytes each rank sends in one exchange) and variant:
                  and floor reuse theirs): the communication part of `ep`
     ep           ExpertParallelDispatcher dispatch + combine (mode ep, d = 1, identity experts):
                  sort, permute, count exchange, two all-to-alls, unpermute
+    ep_planned   `ep` with its route (sort, count exchange, splits) planned before the timer: the same
+                 gather, exchanges and weighted unpermute, so ep - ep_planned is what planning and
+                 the count exchange cost, and ep_planned / floor bounds any dispatch that needs no
+                 count exchange (one that sends at a capacity agreed in advance would add its own
+                 padding and compaction on top)
     ep_pipe4     the same pipelined in 4 chunks (ExpertParallelDispatcher.run, chunks=4)
     floor        what dispatch+combine cannot avoid: the two raw exchanges plus two plain copies of
                  the bytes (into buffers allocated outside the timing), for the send order and
@@ -35,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe import ops
 from moe.parallel import ExpertParallelDispatcher, all_to_all, hierarchical_all_to_all
 from moe.parallel.alltoall import exchange_counts
 from moe.routing.base import Routing
@@ -105,6 +111,15 @@ def _variants(
     variants["floor"] = (floor, 2)
     variants["ep_a2a"] = (ep_a2a, 2)
     variants["ep"] = (ep(1), 2)
+    (route,) = dispatcher.plan_routes(routing, 1, 1)  # E = W experts: no (source, expert) reorder
+
+    def ep_planned() -> None:
+        with torch.no_grad():
+            received = all_to_all(ops.permute(x, route.send_token_idx), route.in_splits, route.out_splits)
+            back = all_to_all(received, route.out_splits, route.in_splits)
+            ops.unpermute(back, route.token_idx, route.weights, x.shape[0])
+
+    variants["ep_planned"] = (ep_planned, 2)
     variants["ep_pipe4"] = (ep(4), 2)
     return variants
 
