@@ -10,6 +10,8 @@ Per message size (bytes each rank sends in one exchange) and variant:
                  and floor reuse theirs): the communication part of `ep`
     ep           ExpertParallelDispatcher dispatch + combine (mode ep, d = 1, identity experts):
                  sort, permute, count exchange, two all-to-alls, unpermute
+    ep_train     `ep` on an input that requires grad: the forward as a training step records it, with
+                 one autograd node per exchange (`ep` runs under no_grad, where there are none)
     ep_planned   `ep` with its route (sort, count exchange, splits) planned before the timer: the same
                  gather, exchanges and weighted unpermute, so ep - ep_planned is what planning and
                  the count exchange cost, and ep_planned / floor bounds any dispatch that needs no
@@ -111,6 +113,13 @@ def _variants(
     variants["floor"] = (floor, 2)
     variants["ep_a2a"] = (ep_a2a, 2)
     variants["ep"] = (ep(1), 2)
+    x_train = x.detach().requires_grad_()
+
+    def ep_train() -> None:
+        xs, _, handle = dispatcher.dispatch(x_train, routing)
+        dispatcher.combine(xs, handle)  # the graph is freed on return, as after a backward
+
+    variants["ep_train"] = (ep_train, 2)
     (route,) = dispatcher.plan_routes(routing, 1, 1)  # E = W experts: no (source, expert) reorder
 
     def ep_planned() -> None:
