@@ -17,6 +17,10 @@ Per message size (bytes each rank sends in one exchange) and variant:
                  the count exchange cost, and ep_planned / floor bounds any dispatch that needs no
                  count exchange (one that sends at a capacity agreed in advance would add its own
                  padding and compaction on top)
+    ep_min       the shortest dropless sequence, for E = W and top-1 only: sort, count exchange,
+                 gather, two exchanges and unpermute as direct calls (no modes, chunks, checks or
+                 autograd): what the dispatcher's generality costs, and a bound for a
+                 Python-driven dispatch that exchanges counts
     ep_pipe4     the same pipelined in 4 chunks (ExpertParallelDispatcher.run, chunks=4)
     floor        what dispatch+combine cannot avoid: the two raw exchanges plus two plain copies of
                  the bytes (into buffers allocated outside the timing), for the send order and
@@ -43,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from moe import ops
+from moe.cpu_memory import pooled_empty
 from moe.parallel import ExpertParallelDispatcher, all_to_all, hierarchical_all_to_all
 from moe.parallel.alltoall import exchange_counts
 from moe.routing.base import Routing
@@ -129,6 +134,23 @@ def _variants(
             ops.unpermute(back, route.token_idx, route.weights, x.shape[0])
 
     variants["ep_planned"] = (ep_planned, 2)
+    ids, gate = routing.expert_ids.reshape(-1), routing.weights.reshape(-1)
+
+    def ep_min() -> None:
+        order, counts = ops.sort_by_expert(ids, world)
+        recv_counts = torch.empty_like(counts)
+        work = dist.all_to_all_single(recv_counts, counts, async_op=True)
+        in_splits = counts.tolist()
+        sent = ops.permute(x, order)
+        work.wait()
+        out_splits = recv_counts.tolist()
+        received = pooled_empty((sum(out_splits), x.shape[1]), x)
+        dist.all_to_all_single(received, sent, out_splits, in_splits)
+        back = pooled_empty((sum(in_splits), x.shape[1]), x)
+        dist.all_to_all_single(back, received, in_splits, out_splits)
+        ops.unpermute(back, order, gate[order], x.shape[0])
+
+    variants["ep_min"] = (ep_min, 2)
     variants["ep_pipe4"] = (ep(4), 2)
     return variants
 

@@ -21,7 +21,16 @@ def test_all_to_all_benchmark_two_ranks(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "all_to_all_w2.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["variant"] for r in rows} == {"raw", "floor", "ep_a2a", "ep", "ep_train", "ep_planned", "ep_pipe4"}
+    assert {r["variant"] for r in rows} == {
+        "raw",
+        "floor",
+        "ep_a2a",
+        "ep",
+        "ep_train",
+        "ep_planned",
+        "ep_min",
+        "ep_pipe4",
+    }
     assert {int(r["bytes_per_rank"]) for r in rows} == {256 * 1024, 1024 * 1024}
     assert all(float(r["time_ms"]) > 0 and float(r["busbw_GBps"]) > 0 for r in rows)
     assert "% of raw" in out.stdout
