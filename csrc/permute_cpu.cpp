@@ -60,8 +60,15 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> rows_by_token(const at::Te
 // o = 0 + y * w (first row of a token) or o += y * w, for fp32 rows summed in the output row.
 // An AVX2 clone where the CPU has it: twice the lanes of the SSE2 baseline. No FMA in its target:
 // a fused multiply-add would round once instead of twice and change the bits.
+// always_inline: the AVX2 clone compiles this same body with its own target.
+#if defined(__GNUC__)
+#define MOE_ROW_INLINE __attribute__((always_inline)) inline
+#else
+#define MOE_ROW_INLINE inline
+#endif
+
 template <bool first>
-inline void axpy_row_body(float* __restrict o, const float* __restrict y, float w, int64_t n) {
+MOE_ROW_INLINE void axpy_row_body(float* __restrict o, const float* __restrict y, float w, int64_t n) {
   for (int64_t d = 0; d < n; ++d) o[d] = (first ? 0.0f : o[d]) + y[d] * w;
 }
 
@@ -69,7 +76,7 @@ inline void axpy_row_body(float* __restrict o, const float* __restrict y, float 
 template <bool first>
 __attribute__((target("avx2"))) void axpy_row_avx2(float* __restrict o, const float* __restrict y, float w,
                                                   int64_t n) {
-  for (int64_t d = 0; d < n; ++d) o[d] = (first ? 0.0f : o[d]) + y[d] * w;
+  axpy_row_body<first>(o, y, w, n);
 }
 #endif
 
