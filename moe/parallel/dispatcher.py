@@ -200,20 +200,23 @@ class ExpertParallelDispatcher(Dispatcher):
         return [] if x_TD is None else [ops.permute(x_TD, idx, self.backend) for idx in send_idx]
 
     # -- exchanges --------------------------------------------------------------------------
+    @staticmethod
+    def _splits(route: ChunkRoute, back: bool) -> tuple[list[int], list[int]]:
+        """(rows sent to each rank, rows received from each) of the dispatch, or of the combine (back)."""
+        return (route.out_splits, route.in_splits) if back else (route.in_splits, route.out_splits)
+
     def _start(self, x: torch.Tensor, route: ChunkRoute, back: bool) -> Any:
-        ins, outs = (route.out_splits, route.in_splits) if back else (route.in_splits, route.out_splits)
         if route.split_matrix is not None:
             sm = route.split_matrix.t() if back else route.split_matrix
             assert self.local_size is not None
             return hierarchical_all_to_all(x, sm, self.local_size, self.group), None
-        return start_all_to_all(x, ins, outs, self.group)
+        return start_all_to_all(x, *self._splits(route, back), self.group)
 
     def _exchange(self, x: torch.Tensor, route: ChunkRoute, back: bool) -> torch.Tensor:
         """The exchange of _start, synchronous: one autograd node instead of a start and a wait."""
         if route.split_matrix is not None:
-            return self._wait(self._start(x, route, back))
-        ins, outs = (route.out_splits, route.in_splits) if back else (route.in_splits, route.out_splits)
-        return all_to_all(x, ins, outs, self.group)
+            return self._wait(self._start(x, route, back))  # the 2D exchange is synchronous already
+        return all_to_all(x, *self._splits(route, back), self.group)
 
     @staticmethod
     def _wait(started: tuple[torch.Tensor, PendingExchange | None]) -> torch.Tensor:
